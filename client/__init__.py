@@ -1,0 +1,1 @@
+"""PathFed's Flower ClientApp: a hospital's local DP training."""

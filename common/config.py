@@ -1,0 +1,196 @@
+"""Validated federation configuration.
+
+One frozen pydantic model, :class:`FederationConfig`, holds every setting of a federated
+run. Flower's run config (``[tool.flwr.app.config]`` in ``pyproject.toml``, ``--run-config``),
+a ``--config FILE`` (TOML) and the ``pathfed simulate`` flags all use the same kebab-case
+keys and are validated here, once, at the edge.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from common.errors import ConfigError
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class FederationConfig(BaseModel):
+    """Settings of one federated run, shared by the server and every site."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", alias_generator=_kebab, populate_by_name=True
+    )
+
+    # Federation
+    sites: int = Field(3, ge=2, le=1000, description="Number of hospitals (simulation).")
+    rounds: int = Field(8, ge=1, le=10_000, description="Federated rounds.")
+    fraction_fit: float = Field(
+        1.0, gt=0.0, le=1.0, description="Fraction of sites asked to train each round."
+    )
+    seed: int = Field(0, ge=0, description="Seed of data splits, initial model and sampling.")
+    out: str = Field("", description="Run folder; empty means runs/<timestamp>.")
+    deterministic: bool = Field(
+        True,
+        description="Seed DP noise and sampling from `seed` (reproducible simulations); "
+        "false draws them from the OS, as a deployment must.",
+    )
+
+    # Data
+    data: str = Field(
+        "", description="Folder of labelled images (labels.csv); empty means synthetic bags."
+    )
+    val_fraction: float = Field(0.3, gt=0.0, lt=1.0, description="Validation share per site.")
+    synthetic_bags: int = Field(
+        300, ge=8, le=100_000, description="Synthetic bags per site (train + validation)."
+    )
+    patch_size: int = Field(32, ge=8, le=4096, description="Patch size in pixels (images).")
+    encoder: str = Field("color-texture", description="Patch encoder for image folders.")
+
+    # Model and local training
+    model: str = Field("gated-attention-mil", description="Model name in the registry.")
+    local_epochs: int = Field(1, ge=1, le=1000, description="Local epochs per round.")
+    batch_size: int = Field(
+        32, ge=1, le=100_000, description="Expected (Poisson) batch size in slides."
+    )
+    lr: float = Field(0.5, gt=0.0, le=10.0, description="Learning rate.")
+    optimizer: Literal["adam", "sgd"] = Field("sgd", description="Local optimizer.")
+
+    # Differential privacy
+    dp: bool = Field(True, description="Train every site with DP-SGD (Opacus).")
+    epsilon: float = Field(8.0, gt=0.0, le=1000.0, description="Per-site epsilon budget.")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="Per-site delta.")
+    site_epsilon: str = Field(
+        "",
+        description="Per-site epsilon overrides, 'site-0=1.0,site-2=3'.",
+    )
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Per-slide gradient clipping norm.")
+    max_noise_multiplier: float = Field(
+        20.0,
+        gt=0.0,
+        description="Largest noise multiplier a site accepts; a budget needing more runs out early.",
+    )
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant.")
+
+    # Secure aggregation
+    secagg: bool = Field(True, description="Aggregate through Flower's SecAgg+ workflow.")
+    secagg_num_shares: float = Field(
+        1.0, gt=0.0, description="Shares per site: an int > 2, or a fraction of the sites."
+    )
+    secagg_threshold: float = Field(
+        0.5, gt=0.0, description="Shares needed to recover a key: an int, or a fraction."
+    )
+    secagg_max_weight: int = Field(
+        1000, ge=1, description="Largest number of training slides at one site."
+    )
+    secagg_quantization_range: int = Field(
+        2**22, ge=2**8, le=2**28, description="Quantisation levels of SecAgg+."
+    )
+    secagg_clipping_range: float = Field(
+        0.0,
+        ge=0.0,
+        description="SecAgg+ clipping range of update values; 0 derives it from lr and steps.",
+    )
+    timeout: float = Field(600.0, gt=0.0, description="Seconds to wait for site replies.")
+
+    @field_validator("site_epsilon")
+    @classmethod
+    def _check_site_epsilon(cls, value: str) -> str:
+        parse_site_values(value)
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> FederationConfig:
+        from common.models import MODELS
+
+        if self.model not in MODELS:
+            raise ValueError(f"model: unknown model {self.model!r}; known: {', '.join(MODELS)}")
+        if self.secagg:
+            shares, threshold = self.secagg_num_shares, self.secagg_threshold
+            if shares > 1 and (shares != int(shares) or shares <= 2):
+                raise ValueError("secagg-num-shares: must be a fraction in (0, 1] or an int > 2")
+            if threshold > 1 and threshold != int(threshold):
+                raise ValueError("secagg-threshold: must be a fraction in (0, 1] or an int")
+            if shares > 1 and threshold > 1 and threshold >= shares:
+                raise ValueError("secagg-threshold: must be below secagg-num-shares")
+        return self
+
+    @property
+    def epsilon_overrides(self) -> dict[str, float]:
+        """Per-site epsilon budgets given by ``site-epsilon``."""
+        return parse_site_values(self.site_epsilon)
+
+    def site_budget(self, site: str) -> float:
+        """The epsilon budget of ``site``."""
+        return self.epsilon_overrides.get(site, self.epsilon)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Flat kebab-case mapping, the shape of Flower's run config."""
+        return self.model_dump(by_alias=True)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> FederationConfig:
+        """Validate ``values`` (kebab- or snake-case keys); raise :class:`ConfigError`."""
+        try:
+            return cls.model_validate(dict(values))
+        except ValidationError as err:
+            raise ConfigError(_describe(err, source)) from None
+
+
+def parse_site_values(text: str) -> dict[str, float]:
+    """Parse ``'site-0=1.5,site-2=3'`` into ``{'site-0': 1.5, 'site-2': 3.0}``."""
+    out: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if not sep or not name.strip() or number <= 0:
+            raise ValueError(
+                f"site-epsilon: {item!r} is not NAME=POSITIVE_NUMBER (e.g. 'site-0=1.5')"
+            )
+        out[name.strip()] = number
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file into a flat mapping (no validation yet)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    # Accept either a flat file or the pyproject-style [tool.flwr.app.config] table.
+    table = raw.get("tool", {}).get("flwr", {}).get("app", {}).get("config", raw)
+    return dict(table)
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    """One line per problem: ``source: field: what is wrong (allowed: ...)``."""
+    lines = []
+    for problem in err.errors():
+        loc = ".".join(str(part) for part in problem["loc"])
+        msg = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            known = ", ".join(sorted(FederationConfig.model_json_schema(by_alias=True)["properties"]))
+            msg = f"unknown setting (known: {known})"
+        elif problem["type"] == "literal_error":
+            msg = f"{msg}"
+        elif "input" in problem and loc:
+            msg = f"{msg} (got {problem['input']!r})"
+        if msg.startswith(f"{loc}:") or not loc:
+            lines.append(f"{source}: {msg}")
+        else:
+            lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)

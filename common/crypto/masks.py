@@ -1,0 +1,62 @@
+"""Cryptographically secure expansion of SecAgg+ masks.
+
+Flower 1.42's SecAgg+ expands every mask with ``numpy.random.RandomState`` seeded by the
+256-bit key XOR-folded to 32 bits, so a pairwise mask can be found by trying 2**32 seeds,
+and its ``randint(0, num_range - 1)`` never draws ``num_range - 1``. PathFed expands masks
+with ChaCha20 instead: the key is HKDF-SHA256 of the *full* seed (a private mask seed or a
+pairwise shared secret), the nonce binds the round and the array's position, and each
+32-bit keystream word is reduced by a power-of-two modulus, so values are exactly uniform
+over ``[0, num_range)``. Client and server call the same function, so masks still cancel.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+MASK_GENERATOR = "ChaCha20 (key: HKDF-SHA256 of the full shared secret; nonce: round, array index)"
+_INFO = b"pathfed secagg+ mask v1"
+
+mask_round: contextvars.ContextVar[int] = contextvars.ContextVar("pathfed_mask_round", default=0)
+"""The federated round the masks belong to; set by the SecAgg+ seams around each stage."""
+
+
+def _key(seed: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_INFO).derive(seed)
+
+
+def expand_masks(
+    seed: bytes, num_range: int, dimensions_list: Sequence[tuple[int, ...]],
+    round_number: int | None = None,
+) -> list[np.ndarray]:
+    """Masks uniform over ``[0, num_range)`` (``int64``), one per shape in ``dimensions_list``.
+
+    Same signature and output types as Flower's ``pseudo_rand_gen`` (plus the round,
+    which defaults to :data:`mask_round`). ``num_range`` must be a power of two, at most
+    ``2**32`` (Flower's SecAgg+ already requires this of its modulus).
+    """
+    if num_range < 2 or num_range > 2**32 or num_range & (num_range - 1):
+        raise ValueError(f"mask range must be a power of two in [2, 2**32], got {num_range}")
+    rnd = mask_round.get() if round_number is None else round_number
+    key = _key(bytes(seed))
+    out = []
+    for index, shape in enumerate(dimensions_list):
+        count = math.prod(shape)
+        # 16-byte ChaCha20 nonce: 32-bit block counter (0), then round and array index.
+        nonce = struct.pack("<IQI", 0, rnd, index)
+        encryptor = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+        words = np.zeros(count, dtype="<u4")
+        if count:
+            view = memoryview(words).cast("B")
+            encryptor.update_into(view, view)  # keystream XOR zeros, in place
+        if num_range < 2**32:
+            words &= np.uint32(num_range - 1)
+        out.append(words.astype(np.int64).reshape(shape))
+    return out

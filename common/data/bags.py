@@ -1,0 +1,164 @@
+"""Bag containers, per-site splits and site files."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from common.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BagSet:
+    """Bags of instance features with one binary label each."""
+
+    bags: tuple[np.ndarray, ...]
+    """One ``float32[N_i, D]`` array per bag."""
+    labels: np.ndarray
+    """``int64[n]`` bag labels in {0, 1}."""
+    names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    @property
+    def dim(self) -> int:
+        return int(self.bags[0].shape[1]) if self.bags else 0
+
+    def to_dataset(self, max_instances: int | None = None) -> TensorDataset:
+        """Pad every bag to one length: ``(features[n, N, D], mask[n, N], labels[n])``.
+
+        A fixed shape keeps Opacus' Poisson loader (which can yield empty batches) simple.
+        """
+        n_max = max_instances or max((b.shape[0] for b in self.bags), default=1)
+        features = np.zeros((len(self.bags), n_max, self.dim), dtype=np.float32)
+        mask = np.zeros((len(self.bags), n_max), dtype=bool)
+        for i, bag in enumerate(self.bags):
+            features[i, : bag.shape[0]] = bag[:n_max]
+            mask[i, : bag.shape[0]] = True
+        return TensorDataset(
+            torch.from_numpy(features),
+            torch.from_numpy(mask),
+            torch.from_numpy(self.labels.astype(np.float32)),
+        )
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One hospital's training and validation bags."""
+
+    name: str
+    train: BagSet
+    val: BagSet
+
+    @property
+    def max_instances(self) -> int:
+        return max((b.shape[0] for b in self.train.bags + self.val.bags), default=1)
+
+
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Boolean validation mask with about ``val_fraction`` of each class (one at least)."""
+    is_val = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        rng.shuffle(idx)
+        n_val = int(round(val_fraction * len(idx)))
+        if len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        is_val[idx[:n_val]] = True
+    return is_val
+
+
+def split_bags(
+    name: str, bags: list[np.ndarray], labels: np.ndarray, names: list[str],
+    val_fraction: float, seed: int,
+) -> SiteData:
+    """Split one site's bags into train and validation, stratified by label."""
+    rng = np.random.default_rng(seed)
+    is_val = stratified_split(labels, val_fraction, rng)
+
+    def pick(sel: np.ndarray) -> BagSet:
+        idx = np.flatnonzero(sel)
+        return BagSet(tuple(bags[i] for i in idx), labels[idx].astype(np.int64),
+                      tuple(names[i] for i in idx))
+
+    return SiteData(name=name, train=pick(~is_val), val=pick(is_val))
+
+
+def save_site_file(site: SiteData, path: str | Path) -> Path:
+    """Write a site's bags to one ``.npz`` file (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {"name": np.array(site.name)}
+    for split, bagset in (("train", site.train), ("val", site.val)):
+        lengths = np.array([b.shape[0] for b in bagset.bags], dtype=np.int64)
+        arrays[f"{split}_features"] = (
+            np.concatenate(bagset.bags) if bagset.bags else np.zeros((0, 0), np.float32)
+        )
+        arrays[f"{split}_lengths"] = lengths
+        arrays[f"{split}_labels"] = bagset.labels
+        arrays[f"{split}_names"] = np.array(bagset.names, dtype=str)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    os.close(fd)
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def load_site_file(path: str | Path) -> SiteData:
+    """Read a site file written by :func:`save_site_file`."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            parts = {}
+            for split in ("train", "val"):
+                lengths = z[f"{split}_lengths"]
+                feats = z[f"{split}_features"].astype(np.float32)
+                bags = tuple(np.split(feats, np.cumsum(lengths)[:-1])) if len(lengths) else ()
+                parts[split] = BagSet(bags, z[f"{split}_labels"].astype(np.int64),
+                                      tuple(str(n) for n in z[f"{split}_names"]))
+            return SiteData(name=str(z["name"]), train=parts["train"], val=parts["val"])
+    except FileNotFoundError:
+        raise DataError(f"{path}: site data file not found") from None
+    except (KeyError, ValueError, OSError) as err:
+        raise DataError(
+            f"{path}: not a PathFed site file ({err}); re-create it with `pathfed simulate`"
+        ) from None
+
+
+@lru_cache(maxsize=8)
+def load_site(
+    index: int, n_sites: int, data: str, seed: int, val_fraction: float,
+    synthetic_bags: int = 300, patch_size: int = 32, encoder: str = "color-texture",
+) -> SiteData:
+    """Return site ``index`` of ``n_sites``: the one front door to a site's bags.
+
+    ``data`` is empty (the embedded synthetic default), a site file (``.npz``), or a folder
+    of labelled images (``labels.csv``) that is split into hospitals by ``tma_group``.
+    Results are cached per process, so a simulated site embeds its images once.
+    """
+    if data and data.endswith(".npz"):
+        return load_site_file(data)
+    if not data:
+        from common.data.synthetic import synthetic_site
+
+        return synthetic_site(index, seed=seed, n_bags=synthetic_bags, val_fraction=val_fraction)
+    from common.data.images import image_folder_site
+
+    return image_folder_site(
+        Path(data), index, n_sites, seed=seed, val_fraction=val_fraction,
+        patch_size=patch_size, encoder=encoder,
+    )

@@ -1,0 +1,148 @@
+"""Folders of labelled images (e.g. the UCSB breast set) as MIL bags.
+
+A folder holds images and ``labels.csv`` with columns ``image,label[,tma_group]``. Each
+image is cut into square patches; patches that are mostly background (>= 75 % white
+pixels, as in Ilse et al. 2018) are dropped; each remaining patch is embedded by an
+encoder from :mod:`common.features`. Hospitals are formed from whole ``tma_group`` values
+(images of one group share staining and scanning), balanced by image count.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from common.data.bags import SiteData, split_bags
+from common.errors import DataError, SlideReadError
+from common.features import get_encoder
+
+log = logging.getLogger(__name__)
+
+LABELS_FILE = "labels.csv"
+POSITIVE = {"1", "malignant", "positive", "tumor", "tumour", "cancer", "true"}
+NEGATIVE = {"0", "benign", "negative", "normal", "false"}
+WHITE_LEVEL = 200
+MAX_WHITE_FRACTION = 0.75
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    path: Path
+    label: int
+    group: str
+
+
+def read_labels(folder: Path) -> list[LabelledImage]:
+    """Read and check ``folder/labels.csv``; raise :class:`DataError` naming the problem."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: data folder not found (give a folder holding {LABELS_FILE})")
+    labels_path = folder / LABELS_FILE
+    if not labels_path.is_file():
+        raise DataError(
+            f"{labels_path}: missing; the data folder needs {LABELS_FILE} with columns "
+            "image,label[,tma_group]"
+        )
+    with labels_path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        if "image" not in columns or "label" not in columns:
+            raise DataError(
+                f"{labels_path}: header is {columns or 'empty'}; "
+                "expected columns image,label[,tma_group]"
+            )
+        rows = list(reader)
+    if not rows:
+        raise DataError(f"{labels_path}: no rows; add one line per image")
+    items = []
+    for line, row in enumerate(rows, start=2):
+        name = (row.get("image") or "").strip()
+        raw = (row.get("label") or "").strip().lower()
+        if not name:
+            raise DataError(f"{labels_path}: line {line}: empty image name")
+        if raw in POSITIVE:
+            label = 1
+        elif raw in NEGATIVE:
+            label = 0
+        else:
+            raise DataError(
+                f"{labels_path}: line {line}: label {raw!r} is not one of "
+                f"{sorted(POSITIVE | NEGATIVE)}"
+            )
+        group = (row.get("tma_group") or "").strip() or name
+        items.append(LabelledImage(folder / name, label, group))
+    return items
+
+
+def assign_sites(items: list[LabelledImage], n_sites: int) -> list[list[LabelledImage]]:
+    """Whole groups to sites, largest group first to the emptiest site (deterministic)."""
+    groups: dict[str, list[LabelledImage]] = {}
+    for item in items:
+        groups.setdefault(item.group, []).append(item)
+    if n_sites > len(groups):
+        raise DataError(
+            f"{n_sites} sites asked for but the data has only {len(groups)} tma_group "
+            f"values; use --sites {len(groups)} or fewer"
+        )
+    sites: list[list[LabelledImage]] = [[] for _ in range(n_sites)]
+    for group in sorted(groups, key=lambda g: (-len(groups[g]), g)):
+        min(sites, key=len).extend(groups[group])
+    return sites
+
+
+def read_image(path: Path) -> np.ndarray:
+    """RGB ``uint8[H, W, 3]``; raise :class:`SlideReadError` naming the file."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise SlideReadError(f"{path}: image listed in {LABELS_FILE} not found") from None
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise SlideReadError(f"{path}: cannot read image ({err})") from None
+
+
+def tissue_patches(image: np.ndarray, patch_size: int) -> np.ndarray:
+    """Non-overlapping patches ``uint8[n, P, P, 3]`` that are not mostly background."""
+    h, w = image.shape[0] // patch_size, image.shape[1] // patch_size
+    grid = image[: h * patch_size, : w * patch_size].reshape(h, patch_size, w, patch_size, 3)
+    patches = grid.transpose(0, 2, 1, 3, 4).reshape(-1, patch_size, patch_size, 3)
+    white = (patches.min(axis=-1) > WHITE_LEVEL).mean(axis=(1, 2))
+    return patches[white < MAX_WHITE_FRACTION]
+
+
+def embed_images(
+    items: list[LabelledImage], patch_size: int, encoder: str
+) -> tuple[list[np.ndarray], list[LabelledImage]]:
+    """Bags of patch features; unreadable or empty images are skipped with a warning."""
+    encode = get_encoder(encoder)
+    bags, kept = [], []
+    for item in items:
+        try:
+            patches = tissue_patches(read_image(item.path), patch_size)
+        except SlideReadError as err:
+            log.warning("%s; skipped", err)
+            continue
+        if len(patches) == 0:
+            log.warning("%s: no tissue patch of %d px; skipped", item.path, patch_size)
+            continue
+        bags.append(encode(patches))
+        kept.append(item)
+    return bags, kept
+
+
+def image_folder_site(
+    folder: Path, index: int, n_sites: int, seed: int = 0, val_fraction: float = 0.3,
+    patch_size: int = 32, encoder: str = "color-texture",
+) -> SiteData:
+    """Site ``index`` of a folder split into ``n_sites`` hospitals by ``tma_group``."""
+    items = assign_sites(read_labels(folder), n_sites)[index]
+    bags, kept = embed_images(items, patch_size, encoder)
+    if not bags:
+        raise DataError(f"{folder}: site-{index} has no readable image with tissue")
+    labels = np.array([item.label for item in kept], dtype=np.int64)
+    names = [item.path.name for item in kept]
+    return split_bags(f"site-{index}", bags, labels, names, val_fraction, seed + index)

@@ -1,0 +1,112 @@
+"""Classification metrics that can be pooled across sites from counts alone.
+
+A site reports confusion counts and a histogram of its validation scores per class;
+summing those over sites gives pooled accuracy, balanced accuracy and AUC without any
+per-slide score leaving a hospital.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+HIST_BINS = 256
+LOGIT_RANGE = 12.0
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Exact ROC AUC (Mann-Whitney, ties count one half); NaN with one class only."""
+    scores, labels = np.asarray(scores, float), np.asarray(labels).astype(bool)
+    n_pos, n_neg = labels.sum(), (~labels).sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # average ranks for ties
+    _, start, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = start + (counts - 1) / 2.0 + 1
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
+    """AUC from per-class score histograms over the same bins (ties within a bin: 1/2)."""
+    pos, neg = np.asarray(pos, float), np.asarray(neg, float)
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    neg_below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])
+    return float((pos * (neg_below + 0.5 * neg)).sum() / (n_pos * n_neg))
+
+
+@dataclass
+class EvalCounts:
+    """Additive evaluation counts of one site (or of several, summed)."""
+
+    n: int = 0
+    loss_sum: float = 0.0
+    tp: int = 0
+    tn: int = 0
+    fp: int = 0
+    fn: int = 0
+    hist_pos: list[int] = field(default_factory=lambda: [0] * HIST_BINS)
+    hist_neg: list[int] = field(default_factory=lambda: [0] * HIST_BINS)
+
+    @classmethod
+    def from_predictions(cls, logits: np.ndarray, labels: np.ndarray, loss_sum: float) -> EvalCounts:
+        logits, labels = np.asarray(logits, float), np.asarray(labels).astype(bool)
+        pred = logits > 0
+        edges = np.linspace(-LOGIT_RANGE, LOGIT_RANGE, HIST_BINS - 1)
+        bins = np.searchsorted(edges, logits)
+        return cls(
+            n=len(labels), loss_sum=float(loss_sum),
+            tp=int((pred & labels).sum()), tn=int((~pred & ~labels).sum()),
+            fp=int((pred & ~labels).sum()), fn=int((~pred & labels).sum()),
+            hist_pos=np.bincount(bins[labels], minlength=HIST_BINS).tolist(),
+            hist_neg=np.bincount(bins[~labels], minlength=HIST_BINS).tolist(),
+        )
+
+    def __add__(self, other: EvalCounts) -> EvalCounts:
+        out = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            out[f.name] = [x + y for x, y in zip(a, b)] if isinstance(a, list) else a + b
+        return EvalCounts(**out)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.n if self.n else float("nan")
+
+    @property
+    def accuracy(self) -> float:
+        return (self.tp + self.tn) / self.n if self.n else float("nan")
+
+    @property
+    def balanced_accuracy(self) -> float:
+        tpr = self.tp / (self.tp + self.fn) if self.tp + self.fn else float("nan")
+        tnr = self.tn / (self.tn + self.fp) if self.tn + self.fp else float("nan")
+        return float(np.nanmean([tpr, tnr])) if self.n else float("nan")
+
+    @property
+    def auc(self) -> float:
+        return auc_from_histograms(np.array(self.hist_pos), np.array(self.hist_neg))
+
+    def to_metrics(self) -> dict[str, int | float | bytes]:
+        """Flat scalars (histograms as little-endian int32 bytes), as Flower metrics allow."""
+        out: dict[str, int | float | bytes] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = np.asarray(value, "<i4").tobytes() if isinstance(value, list) else value
+        return out
+
+    @classmethod
+    def from_metrics(cls, metrics: dict) -> EvalCounts:
+        values = {}
+        for f in fields(cls):
+            value = metrics[f.name]
+            if isinstance(value, bytes):
+                value = np.frombuffer(value, "<i4").astype(int).tolist()
+            values[f.name] = value
+        return cls(**values)

@@ -1,0 +1,85 @@
+"""The run folder: what a federated run leaves behind for people and auditors.
+
+``config.json`` (the validated configuration), ``metrics.jsonl`` (one record per round and
+site, plus one ``global`` record per round), ``checkpoints/round-NNN.npz`` (the global model
+after each round) and ``summary.json``. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN and inf become null, numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    """Writer of one run folder."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "checkpoints").mkdir(exist_ok=True)
+
+    def write_json(self, name: str, data: dict[str, Any]) -> Path:
+        target = self.path / name
+        atomic_write(target, (json.dumps(_clean(data), indent=2) + "\n").encode())
+        return target
+
+    def append_metrics(self, records: list[dict[str, Any]]) -> None:
+        with (self.path / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+            for record in records:
+                fh.write(json.dumps(_clean(record)) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def save_checkpoint(self, server_round: int, names: list[str],
+                        weights: list[np.ndarray]) -> Path:
+        target = self.path / "checkpoints" / f"round-{server_round:03d}.npz"
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, **dict(zip(names, weights)))
+        atomic_write(target, buf.getvalue())
+        return target
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of ``RUN_DIR/metrics.jsonl``."""
+    with (Path(path) / "metrics.jsonl").open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def load_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

@@ -1,0 +1,184 @@
+"""A hospital in the federation: its data, its privacy accountant and its local rounds.
+
+:class:`Site` is the one entry into local private training. The Flower client only
+translates messages into calls of :meth:`Site.train` and :meth:`Site.evaluate` and keeps
+:meth:`Site.state` between rounds, so the site's accountant is never re-created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.config import FederationConfig
+from common.data import SiteData, load_site
+from common.errors import ConfigError, PrivacyBudgetExhausted
+from common.metrics import EvalCounts
+from common.models import build_model
+from common.privacy import DPPlan, SiteAccountant, plan_site
+from common.training import NDArrays, evaluate, local_train, set_weights, update_value_bound
+
+log = logging.getLogger(__name__)
+
+
+def feature_dim(cfg: FederationConfig) -> int:
+    """Instance feature size of the configured data (for building the model)."""
+    if not cfg.data:
+        from common.data.synthetic import FEATURE_DIM
+
+        return FEATURE_DIM
+    if cfg.data.endswith(".npz"):
+        from common.data import load_site_file
+
+        return load_site_file(cfg.data).train.dim
+    from common.features import get_encoder
+
+    probe = np.full((1, cfg.patch_size, cfg.patch_size, 3), 128, dtype=np.uint8)
+    return int(get_encoder(cfg.encoder)(probe).shape[1])
+
+
+def initial_model(cfg: FederationConfig) -> torch.nn.Module:
+    """The federation's initial global model (deterministic in ``cfg.seed``)."""
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg.model, in_dim=feature_dim(cfg))
+
+
+def secagg_clipping_range(cfg: FederationConfig) -> float:
+    """SecAgg+ clipping range: a bound on any value of a round's (weighted) update.
+
+    SecAgg+ silently clips values outside the range, so it must cover the largest update a
+    site can produce: the DP clipping norm bounds each step, the optimizer and the number
+    of steps bound the round (see :func:`common.training.update_value_bound`). The largest
+    site has ``secagg-max-weight`` slides, which bounds its number of steps.
+    """
+    if cfg.secagg_clipping_range > 0:
+        return cfg.secagg_clipping_range
+    steps = cfg.local_epochs * math.ceil(cfg.secagg_max_weight / cfg.batch_size)
+    sigma = cfg.max_noise_multiplier if cfg.dp else 0.0
+    return update_value_bound(cfg.optimizer, cfg.lr, steps, cfg.max_grad_norm, sigma,
+                              cfg.batch_size)
+
+
+def _seed(*parts: object) -> int:
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@dataclass
+class SiteReport:
+    """What a site sends after a round: an update, a weight and scalar metrics."""
+
+    update: NDArrays
+    n_samples: int
+    metrics: dict[str, Any]
+
+
+class Site:
+    """One hospital: its bags, DP plan and persistent accountant.
+
+    Args:
+        cfg: the federation's configuration (as sent by the server).
+        index: the site's position in the federation (simulation partition id).
+        name: the site's name; ``site-<index>`` by default.
+        data: the site's data: empty or a path (see :func:`common.data.load_site`);
+            defaults to ``cfg.data``.
+        state: what :meth:`state` returned after the previous round, if any.
+    """
+
+    def __init__(self, cfg: FederationConfig, index: int, name: str | None = None,
+                 data: str | None = None, state: dict[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.name = name or f"site-{index}"
+        self.data: SiteData = load_site(
+            index, cfg.sites, cfg.data if data is None else data, cfg.seed, cfg.val_fraction,
+            cfg.synthetic_bags, cfg.patch_size, cfg.encoder,
+        )
+        self.max_instances = self.data.max_instances
+        self.accountant = SiteAccountant.from_json((state or {}).get("accountant"),
+                                                   cfg.accountant)
+        self.plan: DPPlan | None = None
+        if cfg.dp:
+            self.plan = plan_site(
+                len(self.data.train), batch_size=cfg.batch_size,
+                local_epochs=cfg.local_epochs, rounds=cfg.rounds,
+                epsilon=cfg.site_budget(self.name), delta=cfg.delta,
+                max_grad_norm=cfg.max_grad_norm, max_noise_multiplier=cfg.max_noise_multiplier,
+                accountant=cfg.accountant,
+            )
+
+    def state(self) -> dict[str, Any]:
+        """Site state to keep between rounds (the accountant's full history)."""
+        return {"accountant": self.accountant.to_json()}
+
+    @property
+    def epsilon(self) -> float:
+        return self.accountant.epsilon(self.cfg.delta) if self.cfg.dp else 0.0
+
+    def can_train(self) -> bool:
+        """Whether one more round fits the site's budget."""
+        if self.plan is None:
+            return True
+        return self.accountant.projected_epsilon(self.plan) <= self.plan.epsilon_budget * (1 + 1e-9)
+
+    def _model(self, weights: NDArrays) -> torch.nn.Module:
+        model = build_model(self.cfg.model, in_dim=self.data.train.dim)
+        set_weights(model, weights)
+        return model
+
+    def train(self, weights: NDArrays, server_round: int) -> SiteReport:
+        """One local round from the global ``weights``; raise if the budget is spent."""
+        if self.plan is not None:
+            self.accountant.check_next_round(self.plan, self.name)
+        if self.cfg.secagg and len(self.data.train) > self.cfg.secagg_max_weight:
+            raise ConfigError(
+                f"secagg-max-weight: {self.name} has {len(self.data.train)} training slides, "
+                f"more than {self.cfg.secagg_max_weight}; raise secagg-max-weight"
+            )
+        torch.manual_seed(_seed(self.cfg.seed, self.index, server_round, "init"))
+        model = self._model(weights)
+        seed = _seed(self.cfg.seed, self.index, server_round) if self.cfg.deterministic else None
+        result = local_train(
+            model, self.data.train.to_dataset(self.max_instances),
+            epochs=self.cfg.local_epochs, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
+            optimizer=self.cfg.optimizer, plan=self.plan, accountant=self.accountant, seed=seed,
+        )
+        metrics: dict[str, Any] = {
+            "site": self.name, "train_loss": result.loss, "steps": result.steps,
+            "n_train": result.n_samples, "epsilon": result.epsilon, "delta": self.cfg.delta,
+            "dp": self.cfg.dp,
+        }
+        if self.plan is not None:
+            metrics.update(
+                noise_multiplier=self.plan.noise_multiplier, sample_rate=self.plan.sample_rate,
+                max_grad_norm=self.plan.max_grad_norm, epsilon_budget=self.plan.epsilon_budget,
+                can_train_next=self.can_train(),
+            )
+        if self.cfg.secagg:
+            limit = secagg_clipping_range(self.cfg)
+            ratio = min(1.0, result.n_samples / self.cfg.secagg_max_weight)
+            clipped = int(sum((np.abs(u) * ratio > limit).sum() for u in result.update))
+            if clipped:
+                log.warning("%s: %d update values exceed the SecAgg+ clipping range %g and "
+                            "will be clipped", self.name, clipped, limit)
+            metrics["secagg_clipped"] = clipped
+        return SiteReport(result.update, result.n_samples, metrics)
+
+    def evaluate(self, weights: NDArrays) -> tuple[EvalCounts, dict[str, Any]]:
+        """Evaluate the global ``weights`` on the site's validation bags."""
+        counts = evaluate(self._model(weights), self.data.val.to_dataset(self.max_instances))
+        metrics: dict[str, Any] = {
+            "site": self.name, "epsilon": self.epsilon, "can_train_next": self.can_train(),
+            **counts.to_metrics(),
+        }
+        return counts, metrics
+
+
+__all__ = ["PrivacyBudgetExhausted", "Site", "SiteReport", "feature_dim", "initial_model",
+           "secagg_clipping_range"]

@@ -1,0 +1,1 @@
+"""PathFed's Flower ServerApp: strategy, secure aggregation, checkpoints, run folder."""

@@ -1,0 +1,114 @@
+"""The server side of PathFed's one seam around Flower's SecAgg+.
+
+Everything of the protocol is Flower's ``SecAggPlusWorkflow``. PathFed swaps the mask
+expansion (``pseudo_rand_gen``, a 32-bit-seeded ``RandomState`` in Flower 1.42) for
+:func:`common.crypto.expand_masks`, binds the round into the nonce, and logs why sites
+dropped out. The client side is ``client/secagg.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from typing import Any, cast
+
+import flwr
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp import Grid
+
+from common.config import FederationConfig
+from common.crypto import MASK_GENERATOR, expand_masks, mask_round
+from common.site import secagg_clipping_range
+
+log = logging.getLogger(__name__)
+
+_flwr_workflow = importlib.import_module(
+    "flwr.server.workflow.secure_aggregation.secaggplus_workflow"
+)
+
+FLOWER_SERIES = "1.42."
+_STOCK = getattr(_flwr_workflow, "pseudo_rand_gen", None)
+_STAGES = ("setup_stage", "share_keys_stage", "collect_masked_vectors_stage", "unmask_stage")
+
+
+def check_flower_internals() -> None:
+    """Fail loudly if the Flower internals this seam patches have moved."""
+    problems = []
+    if not flwr.__version__.startswith(FLOWER_SERIES):
+        problems.append(f"flwr {flwr.__version__} installed, seam written for {FLOWER_SERIES}x")
+    if _STOCK is None:
+        problems.append("secaggplus_workflow.pseudo_rand_gen is gone")
+    elif list(inspect.signature(_STOCK).parameters) != ["seed", "num_range", "dimensions_list"]:
+        problems.append(f"pseudo_rand_gen has a new signature {inspect.signature(_STOCK)}")
+    missing = [s for s in _STAGES if not hasattr(SecAggPlusWorkflow, s)]
+    if missing:
+        problems.append(f"SecAggPlusWorkflow lost {missing}")
+    if problems:
+        raise RuntimeError(
+            "PathFed's SecAgg+ mask seam (server/secagg.py) no longer fits Flower: "
+            + "; ".join(problems) + ". Re-check the seam before changing the flwr pin."
+        )
+
+
+def install_hardened_masks() -> None:
+    """Make Flower's SecAgg+ workflow expand masks with PathFed's generator."""
+    if _flwr_workflow.pseudo_rand_gen is not expand_masks:
+        check_flower_internals()
+        _flwr_workflow.pseudo_rand_gen = expand_masks
+
+
+class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow with cryptographic masks and logged dropouts."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        install_hardened_masks()
+        super().__init__(*args, **kwargs)
+        log.info("SecAgg+ masks: %s", MASK_GENERATOR)
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        ok = super().setup_stage(grid, context, state)
+        for failure in state.failures:
+            log.warning("site left secure aggregation at setup: %s", failure)
+        return cast(bool, ok)
+
+    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext,
+                                     state: Any) -> bool:
+        before = set(state.active_node_ids)
+        ok = super().collect_masked_vectors_stage(grid, context, state)
+        dropped = before - state.active_node_ids
+        if dropped:
+            log.warning("%d site(s) dropped before sending masked updates; their masks are "
+                        "recovered from shares", len(dropped))
+        return cast(bool, ok)
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        cfg = context.state.config_records[MAIN_CONFIGS_RECORD]
+        token = mask_round.set(int(cast(int, cfg[WorkflowKey.CURRENT_ROUND])))
+        try:
+            return cast(bool, super().unmask_stage(grid, context, state))
+        finally:
+            mask_round.reset(token)
+
+
+def make_secagg_workflow(cfg: FederationConfig) -> HardenedSecAggPlusWorkflow:
+    """SecAgg+ with its ranges set deliberately from the DP and training settings."""
+    shares = cfg.secagg_num_shares
+    threshold = cfg.secagg_threshold
+    clipping = secagg_clipping_range(cfg)
+    step = 2 * clipping / cfg.secagg_quantization_range
+    log.info(
+        "SecAgg+: clipping range +/-%.4g (bound on one round's update), quantisation step "
+        "%.3g, max weight %d slides", clipping, step, cfg.secagg_max_weight,
+    )
+    return HardenedSecAggPlusWorkflow(
+        num_shares=int(shares) if shares > 1 else float(shares),
+        reconstruction_threshold=int(threshold) if threshold > 1 else float(threshold),
+        max_weight=float(cfg.secagg_max_weight),
+        clipping_range=clipping,
+        quantization_range=cfg.secagg_quantization_range,
+        timeout=cfg.timeout,
+    )

@@ -1,0 +1,190 @@
+"""PathFed's strategy: FedAvg of site updates, weighted by slides, with checks and records.
+
+A small subclass of Flower's (legacy) ``FedAvg``, the strategy family that Flower's SecAgg+
+workflow drives. Sites send *updates* (new minus received weights); with SecAgg+ the
+strategy only ever sees their masked sum, unmasked as a weighted average. On top of
+``FedAvg`` it: rejects non-finite, mis-shaped or (with DP) unaccounted updates; keeps a
+global model that only changes by an accepted aggregate; stops asking sites whose budget
+is spent; writes a checkpoint, metric records and one summary line per round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+
+from common.config import FederationConfig
+from common.metrics import EvalCounts
+from common.runs import RunFolder
+
+log = logging.getLogger(__name__)
+
+
+def _finite(arrays: list[np.ndarray]) -> bool:
+    return all(np.isfinite(a).all() for a in arrays)
+
+
+class PathFedStrategy(FedAvg):
+    """FedAvg over site updates with validation, budgets, checkpoints and run records."""
+
+    def __init__(self, cfg: FederationConfig, names: list[str], weights: list[np.ndarray],
+                 run: RunFolder) -> None:
+        super().__init__(
+            fraction_fit=cfg.fraction_fit, fraction_evaluate=1.0,
+            min_fit_clients=2, min_evaluate_clients=1, min_available_clients=cfg.sites,
+            initial_parameters=ndarrays_to_parameters(weights), accept_failures=True,
+            # Site metrics are recorded per site below, never averaged blindly.
+            fit_metrics_aggregation_fn=lambda _: {},
+            evaluate_metrics_aggregation_fn=lambda _: {},
+        )
+        self.cfg = cfg
+        self.names = names
+        self.global_weights = [np.asarray(w) for w in weights]
+        self.run = run
+        self.exhausted: dict[str, str] = {}
+        """Sites whose budget cannot pay for another round (name -> reason)."""
+        self.node_site: dict[int, str] = {}
+        self.round_fit: dict[int, dict[str, Any]] = {}
+        self.history: list[dict[str, Any]] = []
+        self.epsilon: dict[str, float] = {}
+
+    # ---- configuration sent to sites ----------------------------------------------
+    def _config(self, server_round: int) -> dict[str, Scalar]:
+        config: dict[str, Scalar] = {k: v for k, v in self.cfg.to_run_config().items()}
+        config["server-round"] = server_round
+        return config
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        pairs = super().configure_fit(server_round, parameters, client_manager)
+        chosen = []
+        for proxy, fitins in pairs:
+            site = self.node_site.get(proxy.node_id)
+            if site in self.exhausted:
+                log.info("round %d: %s not asked to train: %s", server_round, site,
+                         self.exhausted[site])
+                continue
+            chosen.append((proxy, FitIns(fitins.parameters, self._config(server_round))))
+        return chosen
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+        pairs = super().configure_evaluate(server_round, parameters, client_manager)
+        return [(p, EvaluateIns(ins.parameters, self._config(server_round))) for p, ins in pairs]
+
+    # ---- aggregation ----------------------------------------------------------------
+    def _check(self, proxy: ClientProxy, res: FitRes) -> str | None:
+        """Why a reply must be rejected, or None."""
+        update = parameters_to_ndarrays(res.parameters)
+        shapes = [w.shape for w in self.global_weights]
+        if [u.shape for u in update] != shapes:
+            return "update has the wrong shapes"
+        if not _finite(update):
+            return "update is not finite"
+        if res.num_examples <= 0:
+            return "no training slides"
+        if self.cfg.dp and not {"epsilon", "noise_multiplier", "steps"} <= set(res.metrics):
+            return "update carries no privacy accounting"
+        return None
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        for failure in failures:
+            reason = failure[1] if isinstance(failure, tuple) else failure
+            log.warning("round %d: a site failed: %s", server_round, reason)
+        accepted = []
+        for proxy, res in results:
+            site = str(res.metrics.get("site", proxy.node_id))
+            self.node_site[proxy.node_id] = site
+            problem = self._check(proxy, res)
+            if problem:
+                log.warning("round %d: update of %s rejected: %s", server_round, site, problem)
+                continue
+            accepted.append((proxy, res))
+        record: dict[str, Any] = {"trained": [], "failed": len(failures), "sites": {}}
+        self.round_fit[server_round] = record
+        if not accepted or (self.cfg.secagg and len(accepted) < len(results)):
+            # With SecAgg+ every reply carries the same aggregate: one bad means all bad.
+            log.warning("round %d: aggregate rejected; the global model is unchanged",
+                        server_round)
+            return None, {}
+        aggregated, _ = super().aggregate_fit(server_round, accepted, [])
+        if aggregated is None:
+            return None, {}
+        mean_update = parameters_to_ndarrays(aggregated)
+        self.global_weights = [w + u.astype(w.dtype) for w, u in zip(self.global_weights,
+                                                                     mean_update)]
+        for proxy, res in accepted:
+            site = self.node_site[proxy.node_id]
+            record["trained"].append(site)
+            record["sites"][site] = {k: v for k, v in res.metrics.items() if k != "site"}
+            record["sites"][site]["n_train"] = res.num_examples
+            if "epsilon" in res.metrics:
+                self.epsilon[site] = float(res.metrics["epsilon"])
+            if not res.metrics.get("can_train_next", True):
+                self.exhausted[site] = "its next round would exceed its privacy budget"
+        path = self.run.save_checkpoint(server_round, self.names, self.global_weights)
+        record["checkpoint"] = str(path.relative_to(self.run.path))
+        return ndarrays_to_parameters(self.global_weights), {}
+
+    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
+                           failures: list[Any]) -> tuple[float | None, dict[str, Scalar]]:
+        fit = self.round_fit.get(server_round, {"trained": [], "failed": 0, "sites": {}})
+        total = EvalCounts()
+        records = []
+        for proxy, res in results:
+            site = str(res.metrics.get("site", proxy.node_id))
+            self.node_site[proxy.node_id] = site
+            counts = EvalCounts.from_metrics(res.metrics)
+            total = total + counts
+            eps = float(res.metrics.get("epsilon", 0.0))
+            self.epsilon[site] = eps
+            if self.cfg.dp and not res.metrics.get("can_train_next", True):
+                self.exhausted.setdefault(site, "its next round would exceed its privacy budget")
+            train = fit["sites"].get(site, {})
+            records.append({
+                "round": server_round, "site": site, "trained": site in fit["trained"],
+                "train_loss": train.get("train_loss"), "n_train": train.get("n_train"),
+                "steps": train.get("steps", 0), "noise_multiplier": train.get("noise_multiplier"),
+                "sample_rate": train.get("sample_rate"), "val_n": counts.n,
+                "val_loss": counts.loss, "val_auc": counts.auc, "val_accuracy": counts.accuracy,
+                "val_balanced_accuracy": counts.balanced_accuracy, "epsilon": eps,
+                "delta": self.cfg.delta, "secagg_clipped": train.get("secagg_clipped"),
+            })
+        losses = [fit["sites"][s]["train_loss"] for s in fit["trained"]
+                  if fit["sites"][s].get("train_loss") is not None]
+        weights = [fit["sites"][s]["n_train"] for s in fit["trained"]
+                   if fit["sites"][s].get("train_loss") is not None]
+        train_loss = float(np.average(losses, weights=weights)) if losses else math.nan
+        summary = {
+            "round": server_round, "site": "global", "sites_trained": len(fit["trained"]),
+            "sites": len(results), "train_loss": train_loss, "val_loss": total.loss,
+            "val_auc": total.auc, "val_accuracy": total.accuracy,
+            "val_balanced_accuracy": total.balanced_accuracy,
+            "epsilon": dict(sorted(self.epsilon.items())),
+        }
+        self.run.append_metrics(records + [summary])
+        self.history.append(summary)
+        eps = " ".join(f"{s}={e:.2f}" for s, e in sorted(self.epsilon.items()))
+        log.info(
+            "round %d | sites trained %d/%d | train loss %.4f | val AUC %.3f | acc %.3f | "
+            "eps %s", server_round, len(fit["trained"]), len(results), train_loss, total.auc,
+            total.accuracy, eps if self.cfg.dp else "(no DP)",
+        )
+        return (total.loss if total.n else None), {}

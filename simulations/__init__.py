@@ -1,0 +1,1 @@
+"""One-machine federations: Flower's simulation engine running PathFed's apps."""

@@ -1,0 +1,163 @@
+"""The ``pathfed`` command line.
+
+Heavy imports (torch, Flower, Ray) happen inside the commands, so ``pathfed --help`` and
+bad-input errors are instant. Bad input exits with code 2 and one line per problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError, DataError, PathFedError, UnknownModelError
+
+log = logging.getLogger("pathfed")
+
+EXIT_BAD_INPUT = 2
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(show_path=False, show_level=verbose, markup=False,
+                          log_time_format="[%X]")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler], force=True)
+    # Flower and Ray are chatty; PathFed prints one line per round.
+    for name in ("flwr", "ray", "filelock", "alembic"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _simulate_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="run a simulated federation of hospitals on this machine",
+        description="Run a federation of simulated hospitals (Flower simulation engine) with "
+        "DP-SGD and SecAgg+. Without --data, sites train on synthetic bags generated here.",
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML file of settings (kebab-case keys)")
+    p.add_argument("--data", metavar="DIR", help="folder of labelled images (labels.csv)")
+    p.add_argument("--sites", type=int, metavar="N", help="number of hospitals")
+    p.add_argument("--rounds", type=int, metavar="R", help="federated rounds")
+    p.add_argument("--epsilon", type=float, metavar="E", help="per-site epsilon budget")
+    p.add_argument("--delta", type=float, metavar="D", help="per-site delta")
+    p.add_argument("--no-dp", action="store_true", help="train without differential privacy")
+    p.add_argument("--no-secagg", action="store_true", help="aggregate without SecAgg+")
+    p.add_argument("--seed", type=int, metavar="S", help="seed (same seed, same numbers)")
+    p.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/<timestamp>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other setting, e.g. --set local-epochs=2 (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Flower's own log")
+    p.set_defaults(func=_cmd_simulate)
+
+
+def _parse_value(text: str) -> Any:
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def simulate_config(args: argparse.Namespace) -> Any:
+    """Settings from defaults < --config FILE < --set < flags, validated once."""
+    from common.config import FederationConfig, load_config_file
+
+    values: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set: {item!r} is not KEY=VALUE")
+        values[key.strip()] = _parse_value(value.strip())
+    flags = {"data": args.data, "sites": args.sites, "rounds": args.rounds,
+             "epsilon": args.epsilon, "delta": args.delta, "seed": args.seed, "out": args.out}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if args.no_dp:
+        values["dp"] = False
+    if args.no_secagg:
+        values["secagg"] = False
+    source = args.config or "settings"
+    return FederationConfig.from_mapping(values, source)
+
+
+def _check_data(cfg: Any) -> None:
+    """Fail before any work if the data folder cannot give every site something."""
+    if not cfg.data or cfg.data.endswith(".npz"):
+        return
+    from common.data.images import assign_sites, read_image, read_labels
+
+    folder = Path(cfg.data)
+    sites = assign_sites(read_labels(folder), cfg.sites)
+    unreadable = 0
+    for index, items in enumerate(sites):
+        readable = 0
+        for item in items:
+            try:
+                read_image(item.path)
+                readable += 1
+            except DataError as err:
+                unreadable += 1
+                log.warning("%s; it will be skipped", err)
+        if readable < 2:
+            raise DataError(f"{folder}: site-{index} has {readable} readable image(s); "
+                            "it needs two at least (fix the images or use fewer --sites)")
+    if unreadable:
+        log.warning("%d image(s) unreadable; the run goes on without them", unreadable)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from common.runs import default_run_dir
+
+    cfg = simulate_config(args)
+    if not cfg.out:
+        cfg = cfg.model_copy(update={"out": str(default_run_dir())})
+    _setup_logging(args.verbose)
+    _check_data(cfg)
+    from simulations.simulate import simulate
+
+    start = time.perf_counter()
+    summary = simulate(cfg, verbose=args.verbose)
+    wall = time.perf_counter() - start
+    if not summary.get("rounds") or summary.get("auc") is None:
+        log.error("no round completed; see the log above (run folder %s)", cfg.out)
+        return 1
+    eps = ", ".join(f"{k}={v:.3f}" for k, v in summary["epsilon"].items())
+    print(f"done in {wall:.1f} s: AUC {summary['auc']:.3f}, accuracy {summary['accuracy']:.3f}"
+          + (f", epsilon {eps} at delta {summary['delta']:g}" if summary["dp"] else ", no DP"))
+    print(f"results: {Path(cfg.out) / 'summary.json'}, metrics.jsonl, checkpoints/")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pathfed",
+        description="Federated, differentially private training for computational pathology.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _simulate_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, UnknownModelError, DataError) as err:
+        print(f"pathfed: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except PathFedError as err:
+        print(f"pathfed: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pathfed: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Run a simulated federation of hospitals on this machine (Flower's simulation engine)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from common.config import FederationConfig
+from common.runs import default_run_dir
+
+log = logging.getLogger(__name__)
+
+# No telemetry, no update checks, no dependency installs from the internet.
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+class _DropDeprecation(logging.Filter):
+    """Flower warns that the Python simulation entry point is deprecated; we pin 1.42."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "DEPRECATED FEATURE" not in str(record.msg) and "deprecated feature" not in str(
+            record.msg)
+
+
+def quiet_flower(verbose: bool = False) -> None:
+    """Flower logs every protocol step; PathFed prints one line per round instead."""
+    import flwr  # noqa: F401  (flwr sets its logger to DEBUG on import)
+
+    flower = logging.getLogger("flwr")
+    flower.propagate = False
+    if not verbose:
+        flower.setLevel(logging.WARNING)
+        flower.addFilter(_DropDeprecation())
+
+
+def simulate(cfg: FederationConfig, num_cpus: int | None = None,
+             verbose: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` with ``cfg.sites`` virtual hospitals; return the run's summary."""
+    os.environ.update(FLOWER_ENV)
+    quiet_flower(verbose)
+    if not cfg.out:
+        cfg = cfg.model_copy(update={"out": str(default_run_dir())})
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "summary.json").unlink(missing_ok=True)
+
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+    from server.app import make_server_app
+
+    cpus = num_cpus or os.cpu_count() or 1
+    backend_config = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
+                      "logging_level": logging.ERROR},
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        run_simulation(
+            server_app=make_server_app(cfg), client_app=make_client_app(cfg.secagg),
+            num_supernodes=cfg.sites, backend_config=backend_config,  # type: ignore[arg-type]
+        )
+    summary_path = Path(cfg.out) / "summary.json"
+    if not summary_path.exists():
+        raise RuntimeError(f"the federation ended without writing {summary_path}; see the log")
+    return dict(json.loads(summary_path.read_text()))
