@@ -43,7 +43,7 @@ def color_texture(patches: np.ndarray) -> np.ndarray:
         e.mean(1, keepdims=True), e.std(1, keepdims=True),  # 2: eosin (stroma)
         grad.mean(1, keepdims=True) * 10, grad.std(1, keepdims=True) * 10,  # 2: texture
         (h > 0.5).mean(1, keepdims=True),                # 1: dense-nuclei fraction
-        (gray < 0.5).mean(1, keepdims=True),             # 1: dark fraction
+        (gray.reshape(n, -1) < 0.5).mean(1, keepdims=True),             # 1: dark fraction
     ]
     return np.concatenate(feats, axis=1).astype(np.float32)
 

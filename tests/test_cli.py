@@ -1,0 +1,87 @@
+"""Bad input at the command line: one clear line, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def pathfed(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "simulations.cli", *args], capture_output=True,
+                          text=True, timeout=120, cwd=cwd)
+
+
+def _bad(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def test_invalid_value_names_field_and_allowed_values() -> None:
+    r = pathfed("simulate", "--set", "optimizer=rmsprop")
+    _bad(r, "optimizer", "'adam' or 'sgd'")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_out_of_range_number() -> None:
+    _bad(pathfed("simulate", "--rounds", "0"), "rounds", "greater than or equal to 1")
+
+
+def test_unknown_setting_lists_known_ones() -> None:
+    _bad(pathfed("simulate", "--set", "epochs=3"), "epochs", "local-epochs")
+
+
+def test_unknown_model_lists_known_ones() -> None:
+    _bad(pathfed("simulate", "--set", "model=vit-giant"), "vit-giant", "gated-attention-mil",
+         "attention-mil")
+
+
+def test_config_file_errors_name_the_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "fed.toml"
+    cfg.write_text("rounds = 2\nepsilon = -1\n")
+    _bad(pathfed("simulate", "--config", str(cfg)), str(cfg), "epsilon")
+    cfg.write_text("rounds = [\n")
+    _bad(pathfed("simulate", "--config", str(cfg)), str(cfg), "TOML")
+    _bad(pathfed("simulate", "--config", str(tmp_path / "missing.toml")), "missing.toml")
+
+
+def test_missing_and_empty_data_folder(tmp_path: Path) -> None:
+    _bad(pathfed("simulate", "--data", str(tmp_path / "nope")), "nope", "not found")
+    _bad(pathfed("simulate", "--data", str(tmp_path)), "labels.csv", "missing")
+
+
+def test_malformed_labels_csv(tmp_path: Path) -> None:
+    (tmp_path / "labels.csv").write_text("file,class\na.png,1\n")
+    _bad(pathfed("simulate", "--data", str(tmp_path)), "labels.csv", "image,label")
+    (tmp_path / "labels.csv").write_text("image,label\na.png,maybe\n")
+    _bad(pathfed("simulate", "--data", str(tmp_path)), "labels.csv", "line 2", "maybe")
+
+
+def test_unreadable_images_are_named(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rows = ["image,label,tma_group"]
+    for i in range(4):
+        Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(tmp_path / f"ok{i}.png")
+        rows.append(f"ok{i}.png,{i % 2},g{i % 2}")
+    (tmp_path / "broken.png").write_text("this is not a png")
+    rows.append("broken.png,1,g1")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    # Too few readable images for 3 sites: stops before any work, naming the bad file.
+    r = pathfed("simulate", "--data", str(tmp_path), "--sites", "3")
+    _bad(r, "tma_group")
+    r = pathfed("simulate", "--data", str(tmp_path), "--sites", "2", "--rounds", "1",
+                "--out", str(tmp_path / "run"), "--set", "patch-size=16")
+    assert "broken.png" in r.stdout + r.stderr
+    assert "cannot read image" in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["simulate", "--help"]])
+def test_help(args: list[str]) -> None:
+    r = pathfed(*args)
+    assert r.returncode == 0 and "pathfed" in r.stdout

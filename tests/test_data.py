@@ -1,0 +1,67 @@
+"""Data: the synthetic default, labelled image folders (real UCSB images), site files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.data import load_site_file, save_site_file
+from common.data.images import assign_sites, read_labels, tissue_patches
+from common.data.synthetic import synthetic_site
+from common.errors import DataError
+from common.metrics import EvalCounts, auc_from_histograms, roc_auc
+
+
+def test_synthetic_is_deterministic_and_a_minority_signal() -> None:
+    a, b = synthetic_site(1, seed=3), synthetic_site(1, seed=3)
+    assert all(np.array_equal(x, y) for x, y in zip(a.train.bags, b.train.bags))
+    assert not np.array_equal(a.train.bags[0], synthetic_site(2, seed=3).train.bags[0])
+    labels = np.concatenate([a.train.labels, a.val.labels])
+    assert 0.4 < labels.mean() < 0.6
+    assert len(a.val) == pytest.approx(0.3 * 300, abs=2)
+
+
+def test_site_file_round_trip(tmp_path: Path) -> None:
+    site = synthetic_site(0, n_bags=20)
+    back = load_site_file(save_site_file(site, tmp_path / "s.npz"))
+    assert back.name == site.name and back.train.names == site.train.names
+    assert all(np.array_equal(x, y) for x, y in zip(back.val.bags, site.val.bags))
+    (tmp_path / "bad.npz").write_text("nope")
+    with pytest.raises(DataError, match="bad.npz"):
+        load_site_file(tmp_path / "bad.npz")
+
+
+def test_ucsb_hospitals_from_tma_groups(ucsb: Path) -> None:
+    items = read_labels(ucsb)
+    assert len(items) == 58 and sum(i.label for i in items) == 26
+    sites = assign_sites(items, 3)
+    groups = [{i.group for i in s} for s in sites]
+    assert all(not (a & b) for a in groups for b in groups if a is not b)  # whole groups
+    assert sorted(len(s) for s in sites) == [18, 18, 22]
+    with pytest.raises(DataError, match="only 10 tma_group"):
+        assign_sites(items, 11)
+
+
+def test_ucsb_patches_drop_background(ucsb: Path) -> None:
+    from common.data.images import read_image
+
+    image = read_image(ucsb / "ytma10_010704_benign1_ccd.tif")
+    patches = tissue_patches(image, 32)
+    assert 0 < len(patches) <= (896 // 32) * (768 // 32)
+    white = np.full((64, 64, 3), 250, np.uint8)
+    assert len(tissue_patches(white, 32)) == 0
+
+
+def test_pooled_auc_from_histograms_matches_exact() -> None:
+    rng = np.random.default_rng(0)
+    logits = np.concatenate([rng.normal(1, 1, 300), rng.normal(-1, 1, 300)])
+    labels = np.array([1] * 300 + [0] * 300)
+    halves = [EvalCounts.from_predictions(logits[i::2], labels[i::2], 0.0) for i in (0, 1)]
+    pooled = halves[0] + halves[1]
+    assert pooled.auc == pytest.approx(roc_auc(logits, labels), abs=2e-3)
+    assert pooled.n == 600 and pooled.tp + pooled.fn == 300
+    back = EvalCounts.from_metrics(pooled.to_metrics())
+    assert back == pooled
+    assert np.isnan(auc_from_histograms(np.ones(3), np.zeros(3)))

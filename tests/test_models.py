@@ -1,0 +1,74 @@
+"""Models: registry, Opacus fitness, per-sample gradients against one bag at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.validators import ModuleValidator
+
+from common.errors import UnknownModelError
+from common.models import MODELS, MILOutput, build_model
+
+
+def _bags(b: int = 5, n: int = 9, d: int = 12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, n, d, generator=g)
+    mask = torch.ones(b, n, dtype=torch.bool)
+    for i in range(b):
+        mask[i, n - i:] = False  # different real lengths, as padded bags have
+    y = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0])[:b]
+    return x, mask, y
+
+
+def test_unknown_model_lists_known_ones() -> None:
+    with pytest.raises(UnknownModelError) as err:
+        build_model("resnet-9000", in_dim=4)
+    for name in MODELS:
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_models_pass_opacus_strict_validation(name: str) -> None:
+    model = build_model(name, in_dim=12)
+    ModuleValidator.validate(model, strict=True)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_output_shapes_and_attention(name: str) -> None:
+    x, mask, _ = _bags()
+    out = build_model(name, in_dim=12)(x, mask)
+    assert isinstance(out, MILOutput)
+    assert out.logits.shape == (5,) and out.attention.shape == (5, 9)
+    assert torch.allclose(out.attention.sum(1), torch.ones(5))
+    assert (out.attention[~mask] == 0).all()
+
+
+def test_padding_does_not_change_a_bag() -> None:
+    torch.manual_seed(1)
+    model = build_model("gated-attention-mil", in_dim=12).eval()
+    x, mask, _ = _bags()
+    padded = model(x, mask).logits
+    alone = torch.stack([model(x[i : i + 1, mask[i]], None).logits[0] for i in range(5)])
+    assert torch.allclose(padded, alone, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_per_sample_gradients_match_one_bag_at_a_time(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, in_dim=12)
+    x, mask, y = _bags()
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(gsm(x, mask).logits, y,
+                                                                reduction="sum")
+    loss.backward()
+    per_sample = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
+    for i in range(len(y)):
+        model.zero_grad()
+        for p in model.parameters():
+            p.grad_sample = None
+        out = gsm(x[i : i + 1], mask[i : i + 1]).logits
+        torch.nn.functional.binary_cross_entropy_with_logits(out, y[i : i + 1],
+                                                             reduction="sum").backward()
+        for n, p in model.named_parameters():
+            assert torch.allclose(per_sample[n][i], p.grad, atol=1e-6), n

@@ -1,0 +1,99 @@
+"""Privacy accounting: calibration, persistence across rounds, budget enforcement."""
+
+from __future__ import annotations
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from common.config import FederationConfig
+from common.errors import ConfigError, PrivacyBudgetExhausted
+from common.privacy import RDP_ALPHAS, SiteAccountant, independent_epsilon, plan_site
+from common.site import Site
+from common.training import local_train
+
+PLAN = dict(batch_size=16, local_epochs=2, rounds=4, epsilon=3.0, delta=1e-5,
+            max_grad_norm=1.0, max_noise_multiplier=50.0)
+
+
+def test_plan_matches_opacus_loader_and_meets_budget() -> None:
+    plan = plan_site(100, **PLAN)
+    assert plan.sample_rate == pytest.approx(1 / 7)  # ceil(100 / 16) batches
+    assert plan.steps_per_round == 14
+    eps = independent_epsilon([(plan.noise_multiplier, plan.sample_rate, 4 * 14)], 1e-5)
+    assert 2.9 < eps <= 3.0
+
+
+def test_delta_must_be_below_one_over_n() -> None:
+    with pytest.raises(ConfigError, match="delta"):
+        plan_site(10, **{**PLAN, "delta": 0.2})
+
+
+def test_accountant_survives_rounds_through_its_saved_state() -> None:
+    cfg = FederationConfig(synthetic_bags=60, rounds=3, batch_size=8, epsilon=5.0)
+    state = None
+    epsilons = []
+    for rnd in range(1, 4):
+        site = Site(cfg, 0, state=state)  # a new process each round, as in Flower
+        site.train(_weights(site), rnd)
+        state = site.state()
+        epsilons.append(site.epsilon)
+    assert epsilons[0] < epsilons[1] < epsilons[2] <= 5.0
+    plan = site.plan
+    assert plan is not None
+    steps = 3 * plan.steps_per_round
+    assert site.accountant.steps == steps  # every step counted, empty batches too
+    expected = independent_epsilon([(plan.noise_multiplier, plan.sample_rate, steps)], 1e-5)
+    assert epsilons[-1] == pytest.approx(expected, rel=1e-9)
+    # ... and an Opacus accountant built by hand agrees
+    acc = RDPAccountant()
+    acc.history = [(plan.noise_multiplier, plan.sample_rate, steps)]
+    assert epsilons[-1] == pytest.approx(acc.get_epsilon(1e-5, alphas=RDP_ALPHAS), rel=1e-9)
+
+
+def test_site_refuses_a_round_beyond_its_budget() -> None:
+    cfg = FederationConfig(synthetic_bags=60, batch_size=8, site_epsilon="site-0=0.05",
+                           max_noise_multiplier=2.0)
+    site = Site(cfg, 0)
+    assert not site.can_train()
+    before = site.state()
+    with pytest.raises(PrivacyBudgetExhausted, match="site-0.*budget 0.05"):
+        site.train(_weights(site), 1)
+    assert site.state() == before and site.epsilon == 0.0  # nothing spent
+    # another site with the federation budget trains
+    other = Site(cfg, 1)
+    assert other.train(_weights(other), 1).metrics["epsilon"] > 0
+
+
+def test_budget_check_stops_after_planned_rounds() -> None:
+    plan = plan_site(64, **{**PLAN, "rounds": 2})
+    acc = SiteAccountant()
+    for _ in range(2):
+        acc.check_next_round(plan, "site-x")
+        acc.accountant.history.append((plan.noise_multiplier, plan.sample_rate,
+                                       plan.steps_per_round))
+    with pytest.raises(PrivacyBudgetExhausted):
+        acc.check_next_round(plan, "site-x")
+
+
+def test_plain_training_spends_nothing() -> None:
+    cfg = FederationConfig(synthetic_bags=40, dp=False)
+    site = Site(cfg, 0)
+    report = site.train(_weights(site), 1)
+    assert report.metrics["epsilon"] == 0.0 and "noise_multiplier" not in report.metrics
+
+
+def _weights(site: Site) -> list:
+    from common.site import initial_model
+    from common.training import get_weights
+
+    return get_weights(initial_model(site.cfg))
+
+
+def test_local_train_requires_accountant_with_plan() -> None:
+    plan = plan_site(64, **PLAN)
+    site = Site(FederationConfig(synthetic_bags=40), 0)
+    from common.site import initial_model
+
+    with pytest.raises(ValueError, match="accountant"):
+        local_train(initial_model(site.cfg), site.data.train.to_dataset(), epochs=1,
+                    batch_size=8, lr=0.1, plan=plan, accountant=None)
