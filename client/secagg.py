@@ -15,12 +15,12 @@ import inspect
 import logging
 
 import flwr
-from flwr.app.message_type import MessageType
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.app import Context, Message
+from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from common.crypto import MASK_GENERATOR, expand_masks, mask_round
+from common.crypto import install_generator, mask_round
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,7 @@ def check_flower_internals() -> None:
 
 def install_hardened_masks() -> None:
     """Make Flower's client SecAgg+ mod expand masks with PathFed's generator."""
-    if _flwr_mod.pseudo_rand_gen is not expand_masks:
-        check_flower_internals()
-        _flwr_mod.pseudo_rand_gen = expand_masks
-        log.info("SecAgg+ masks: %s", MASK_GENERATOR)
+    install_generator(_flwr_mod, _STOCK, check_flower_internals)
 
 
 def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:

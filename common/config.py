@@ -8,11 +8,11 @@ keys and are validated here, once, at the edge.
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import ConfigError
@@ -75,7 +75,8 @@ class FederationConfig(BaseModel):
     max_noise_multiplier: float = Field(
         20.0,
         gt=0.0,
-        description="Largest noise multiplier a site accepts; a budget needing more runs out early.",
+        description="Largest noise multiplier a site accepts; a budget that needs more "
+        "runs out before the planned rounds.",
     )
     accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant.")
 
@@ -183,10 +184,9 @@ def _describe(err: ValidationError, source: str) -> str:
         loc = ".".join(str(part) for part in problem["loc"])
         msg = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
-            known = ", ".join(sorted(FederationConfig.model_json_schema(by_alias=True)["properties"]))
+            schema = FederationConfig.model_json_schema(by_alias=True)
+            known = ", ".join(sorted(schema["properties"]))
             msg = f"unknown setting (known: {known})"
-        elif problem["type"] == "literal_error":
-            msg = f"{msg}"
         elif "input" in problem and loc:
             msg = f"{msg} (got {problem['input']!r})"
         if msg.startswith(f"{loc}:") or not loc:

@@ -55,7 +55,8 @@ class EvalCounts:
     hist_neg: list[int] = field(default_factory=lambda: [0] * HIST_BINS)
 
     @classmethod
-    def from_predictions(cls, logits: np.ndarray, labels: np.ndarray, loss_sum: float) -> EvalCounts:
+    def from_predictions(cls, logits: np.ndarray, labels: np.ndarray,
+                         loss_sum: float) -> EvalCounts:
         logits, labels = np.asarray(logits, float), np.asarray(labels).astype(bool)
         pred = logits > 0
         edges = np.linspace(-LOGIT_RANGE, LOGIT_RANGE, HIST_BINS - 1)

@@ -21,7 +21,12 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from common.config import FederationConfig
-from common.crypto import MASK_GENERATOR, expand_masks, mask_round
+from common.crypto import (
+    MASK_GENERATOR,
+    install_generator,
+    mask_round,
+    use_stock_masks,
+)
 from common.site import secagg_clipping_range
 
 log = logging.getLogger(__name__)
@@ -56,9 +61,7 @@ def check_flower_internals() -> None:
 
 def install_hardened_masks() -> None:
     """Make Flower's SecAgg+ workflow expand masks with PathFed's generator."""
-    if _flwr_workflow.pseudo_rand_gen is not expand_masks:
-        check_flower_internals()
-        _flwr_workflow.pseudo_rand_gen = expand_masks
+    install_generator(_flwr_workflow, _STOCK, check_flower_internals)
 
 
 class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
@@ -67,7 +70,8 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         install_hardened_masks()
         super().__init__(*args, **kwargs)
-        log.info("SecAgg+ masks: %s", MASK_GENERATOR)
+        if not use_stock_masks():
+            log.info("SecAgg+ masks: %s", MASK_GENERATOR)
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
         ok = super().setup_stage(grid, context, state)

@@ -39,6 +39,23 @@ def _records(cfg: FederationConfig) -> list[dict[str, Any]]:
     return read_metrics(cfg.out)
 
 
+def _max_diff_and_tolerance(cfg: FederationConfig, plain_cfg: FederationConfig,
+                            rnd: int = 1) -> tuple[float, float]:
+    """Largest gap between the SecAgg+ and the plain global model, and the bound on it.
+
+    SecAgg+ quantises weight * update to a grid of step 2c/Q and divides the unmasked sum
+    by the summed weights: the average is off by at most sites * step / sum(weights).
+    """
+    name = f"round-{rnd:03d}.npz"
+    masked = load_checkpoint(Path(cfg.out) / "checkpoints" / name)
+    plain = load_checkpoint(Path(plain_cfg.out) / "checkpoints" / name)
+    step = 2 * secagg_clipping_range(cfg) / cfg.secagg_quantization_range
+    trained = [r for r in _records(cfg) if r["round"] == rnd and r.get("trained")]
+    total_weight = sum(r["n_train"] for r in trained) / cfg.secagg_max_weight
+    worst = max(float(np.abs(masked[k] - plain[k]).max()) for k in masked)
+    return worst, len(trained) * step / total_weight
+
+
 def test_run_folder_is_complete(runs: dict[str, Any]) -> None:
     cfg, summary = runs["secagg"]
     run = Path(cfg.out)
@@ -49,23 +66,29 @@ def test_run_folder_is_complete(runs: dict[str, Any]) -> None:
                                                                       "round-002.npz"]
     records = _records(cfg)
     assert len(records) == 2 * (3 + 1)  # per round: each site, plus the global record
+    # the SecAgg+ clipping range was chosen so that nothing is silently clipped
+    assert all(r["secagg_clipped"] == 0 for r in records if r.get("trained"))
 
 
 def test_secagg_aggregate_equals_plain_weighted_average(runs: dict[str, Any]) -> None:
+    """3 sites, one of which drops after key sharing: its masks are recovered."""
     (cfg, _), (plain_cfg, _) = runs["secagg"], runs["plain"]
-    masked = load_checkpoint(Path(cfg.out) / "checkpoints" / "round-001.npz")
-    plain = load_checkpoint(Path(plain_cfg.out) / "checkpoints" / "round-001.npz")
-    # SecAgg+ quantises weight * update to a grid of step 2c/Q and divides by the
-    # summed weights: the error of the average is at most sites * step / sum(weights).
-    step = 2 * secagg_clipping_range(cfg) / cfg.secagg_quantization_range
-    trained = [r for r in _records(cfg) if r["round"] == 1 and r.get("trained")]
-    total_weight = sum(r["n_train"] for r in trained) / cfg.secagg_max_weight
-    tolerance = len(trained) * step / total_weight
-    worst = max(float(np.abs(masked[k] - plain[k]).max()) for k in masked)
-    moved = max(float(np.abs(masked[k] - load_checkpoint(
-        Path(cfg.out) / "checkpoints" / "round-002.npz")[k]).max()) for k in masked)
+    worst, tolerance = _max_diff_and_tolerance(cfg, plain_cfg)
     assert worst <= tolerance, (worst, tolerance)
+    first = load_checkpoint(Path(cfg.out) / "checkpoints" / "round-001.npz")
+    second = load_checkpoint(Path(cfg.out) / "checkpoints" / "round-002.npz")
+    moved = max(float(np.abs(first[k] - second[k]).max()) for k in first)
     assert moved > 100 * tolerance  # the comparison is not vacuous
+
+
+def test_two_site_secagg_equals_plain_average(tmp_path: Path) -> None:
+    """Two hospitals, the smallest consortium: hardened masks still cancel exactly."""
+    cfgs = [FederationConfig(sites=2, rounds=1, synthetic_bags=120, seed=3, secagg=secagg,
+                             out=str(tmp_path / f"run-{secagg}")) for secagg in (True, False)]
+    for cfg in cfgs:
+        assert simulate(cfg)["rounds"] == 1
+    worst, tolerance = _max_diff_and_tolerance(*cfgs)
+    assert worst <= tolerance, (worst, tolerance)
 
 
 def test_epsilon_grows_and_matches_an_independent_accountant(runs: dict[str, Any]) -> None:

@@ -12,9 +12,12 @@ over ``[0, num_range)``. Client and server call the same function, so masks stil
 from __future__ import annotations
 
 import contextvars
+import logging
 import math
+import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import ModuleType
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
@@ -23,6 +26,37 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 MASK_GENERATOR = "ChaCha20 (key: HKDF-SHA256 of the full shared secret; nonce: round, array index)"
 _INFO = b"pathfed secagg+ mask v1"
+
+MASKS_ENV = "PATHFED_SECAGG_MASKS"
+"""Set to ``flower-stock`` to keep Flower's weak generator (benchmarks only)."""
+
+
+def use_stock_masks() -> bool:
+    """Whether this process was asked to keep Flower's stock generator (benchmarks)."""
+    return os.environ.get(MASKS_ENV, "chacha20") == "flower-stock"
+
+
+log = logging.getLogger(__name__)
+
+
+def install_generator(module: ModuleType, stock: Callable[..., object],
+                      check: Callable[[], None]) -> None:
+    """Point ``module.pseudo_rand_gen`` (a Flower SecAgg+ module) at the chosen generator.
+
+    ``check`` verifies Flower's internals first; ``stock`` is Flower's own function,
+    kept only when :func:`use_stock_masks` (benchmarks).
+    """
+    if use_stock_masks():
+        if module.pseudo_rand_gen is not stock:
+            module.pseudo_rand_gen = stock
+            log.warning("SecAgg+ masks: Flower's stock 32-bit-seeded generator (%s=flower-stock)"
+                        " in %s; not for real data", MASKS_ENV, module.__name__)
+        return
+    if module.pseudo_rand_gen is not expand_masks:
+        check()
+        module.pseudo_rand_gen = expand_masks
+        log.info("SecAgg+ masks in %s: %s", module.__name__.rsplit(".", 1)[-1], MASK_GENERATOR)
+
 
 mask_round: contextvars.ContextVar[int] = contextvars.ContextVar("pathfed_mask_round", default=0)
 """The federated round the masks belong to; set by the SecAgg+ seams around each stage."""

@@ -1,0 +1,128 @@
+"""SecAgg+ masks: Flower 1.42's 32-bit-seeded generator is weak; PathFed's is not."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen as stock_prg
+from scipy.stats import chisquare
+
+import client.secagg as client_seam
+import server.secagg as server_seam
+from common.crypto import expand_masks, mask_round
+
+MOD = 2**32
+Q = 2**22  # SecAgg+ quantisation range: honest values lie in [0, Q)
+
+
+def _fold(key: bytes) -> int:
+    seed = 0
+    for i in range(0, len(key), 4):
+        seed ^= int.from_bytes(key[i : i + 4], "little")
+    return seed
+
+
+def _twin(key: bytes) -> bytes:
+    """Another key with the same 32-bit XOR fold: flip the same bits in two words."""
+    flip = (0xDEADBEEF).to_bytes(4, "little")
+    words = bytearray(key)
+    for offset in (0, 4):
+        for j in range(4):
+            words[offset + j] ^= flip[j]
+    return bytes(words)
+
+
+def test_same_fold_gives_identical_stock_masks_but_unrelated_hardened_ones() -> None:
+    key = os.urandom(32)
+    twin = _twin(key)
+    assert twin != key and _fold(twin) == _fold(key)
+    shapes = [(1000,), (3, 5)]
+    for a, b in zip(stock_prg(key, MOD, shapes), stock_prg(twin, MOD, shapes)):
+        assert np.array_equal(a, b)  # the weakness: only 32 bits of the key matter
+    ours_a, ours_b = expand_masks(key, MOD, shapes), expand_masks(twin, MOD, shapes)
+    assert (ours_a[0] == ours_b[0]).mean() < 0.01
+
+
+def _masked_two_site_update(prg, key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """What the server holds of one site in a 2-site round after removing its self-mask."""
+    rng = np.random.default_rng(1)
+    update = rng.integers(0, Q, size=256, dtype=np.int64)  # quantised update
+    pairwise = prg(key, MOD, [(256,)])[0]
+    return update, (update + pairwise) % MOD
+
+
+def _search(masked: np.ndarray, centre: int, window: int = 200) -> list[np.ndarray]:
+    """Try every 32-bit seed near ``centre``; keep candidates inside the quantised range."""
+    found = []
+    for seed in range(max(0, centre - window), centre + window):
+        seed_bytes = seed.to_bytes(4, "little")
+        for prg in (stock_prg, expand_masks):
+            candidate = (masked - prg(seed_bytes, MOD, [(256,)])[0]) % MOD
+            if (candidate < Q).all():
+                found.append(candidate)
+    return found
+
+
+def test_stock_masked_update_is_recovered_by_a_seed_search() -> None:
+    key = os.urandom(32)
+    update, masked = _masked_two_site_update(stock_prg, key)
+    found = _search(masked, _fold(key))
+    assert len(found) == 1 and np.array_equal(found[0], update)
+
+
+def test_hardened_masked_update_resists_the_same_search() -> None:
+    key = os.urandom(32)
+    _, masked = _masked_two_site_update(expand_masks, key)
+    assert _search(masked, _fold(key)) == []
+
+
+def test_hardened_masks_cover_the_whole_modulus() -> None:
+    small = 16
+    stock = stock_prg(os.urandom(32), small, [(100_000,)])[0]
+    assert stock.max() == small - 2  # Flower never draws num_range - 1
+    ours = expand_masks(os.urandom(32), small, [(100_000,)])[0]
+    assert ours.min() == 0 and ours.max() == small - 1
+    counts = np.bincount(expand_masks(os.urandom(32), 2**12, [(2**22,)])[0], minlength=2**12)
+    assert chisquare(counts).pvalue > 1e-4
+    big = expand_masks(os.urandom(32), MOD, [(2**20,)])[0]
+    assert big.max() > MOD - MOD // 2**16 and big.min() < MOD // 2**16
+
+
+def test_masks_bind_round_and_position_and_are_deterministic() -> None:
+    key = os.urandom(44)
+    a = expand_masks(key, MOD, [(64,), (64,)], round_number=1)
+    assert np.array_equal(a[0], expand_masks(key, MOD, [(64,), (64,)], round_number=1)[0])
+    assert (a[0] == a[1]).mean() < 0.05  # position in the nonce
+    b = expand_masks(key, MOD, [(64,)], round_number=2)
+    assert (a[0] == b[0]).mean() < 0.05  # round in the nonce
+    token = mask_round.set(2)
+    try:
+        assert np.array_equal(expand_masks(key, MOD, [(64,)])[0], b[0])
+    finally:
+        mask_round.reset(token)
+    assert expand_masks(key, MOD, [()])[0].shape == ()
+    with pytest.raises(ValueError, match="power of two"):
+        expand_masks(key, 1000, [(3,)])
+
+
+def test_seams_fit_the_installed_flower_and_install_our_generator() -> None:
+    client_seam.check_flower_internals()
+    server_seam.check_flower_internals()
+    client_seam.install_hardened_masks()
+    server_seam.install_hardened_masks()
+    mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+    workflow = importlib.import_module(
+        "flwr.server.workflow.secure_aggregation.secaggplus_workflow")
+    assert mod.pseudo_rand_gen is expand_masks and workflow.pseudo_rand_gen is expand_masks
+
+
+def test_seam_fails_loudly_when_flower_moves(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_seam, "_STOCK", None)
+    with pytest.raises(RuntimeError, match="no longer fits Flower"):
+        server_seam.check_flower_internals()
+    monkeypatch.setattr(client_seam.flwr, "__version__", "1.99.0")
+    with pytest.raises(RuntimeError, match="1.99.0"):
+        client_seam.check_flower_internals()
