@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from flwr.app import ConfigRecord, Context
 from flwr.client import Client, NumPyClient
 from flwr.clientapp import ClientApp
 
 from client.secagg import secaggplus_mod
 from common.config import FederationConfig
-from common.site import Site
+
+if TYPE_CHECKING:
+    from common.site import Site
 
 log = logging.getLogger(__name__)
 # Flower's SecAgg+ mod logs every protocol stage at DEBUG; keep a site's log readable.
@@ -28,6 +29,10 @@ STATE_KEY = "pathfed-site"
 
 
 def _site(context: Context, config: dict[str, Any]) -> Site:
+    # torch and Opacus load here, not at import: in deployment every message starts a
+    # fresh ClientApp process, and three of SecAgg+'s four stages need no model.
+    from common.site import Site
+
     cfg = FederationConfig.from_mapping(
         {k: v for k, v in config.items() if k != "server-round"}, "server config"
     )
@@ -49,9 +54,11 @@ class HospitalClient(NumPyClient):
 
     def __init__(self, context: Context) -> None:
         self.context = context
-        torch.set_num_threads(1)
 
     def fit(self, parameters: list, config: dict[str, Any]) -> tuple[list, int, dict]:
+        import torch
+
+        torch.set_num_threads(1)
         site = _site(self.context, config)
         report = site.train(parameters, int(config.get("server-round", 0)))
         _save(self.context, site)

@@ -35,7 +35,7 @@ class _DropDeprecation(logging.Filter):
 
 def quiet_flower(verbose: bool = False) -> None:
     """Flower logs every protocol step; PathFed prints one line per round instead."""
-    import flwr  # noqa: F401  (flwr sets its logger to DEBUG on import)
+    import flwr.supercore.logger  # noqa: F401  (sets the flwr logger to DEBUG on import)
 
     flower = logging.getLogger("flwr")
     flower.propagate = False
@@ -48,7 +48,6 @@ def simulate(cfg: FederationConfig, num_cpus: int | None = None,
              verbose: bool = False) -> dict[str, Any]:
     """Run ``cfg`` with ``cfg.sites`` virtual hospitals; return the run's summary."""
     os.environ.update(FLOWER_ENV)
-    quiet_flower(verbose)
     if not cfg.out:
         cfg = cfg.model_copy(update={"out": str(default_run_dir())})
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
@@ -58,6 +57,8 @@ def simulate(cfg: FederationConfig, num_cpus: int | None = None,
 
     from client.app import make_client_app
     from server.app import make_server_app
+
+    quiet_flower(verbose)
 
     cpus = num_cpus or os.cpu_count() or 1
     backend_config = {

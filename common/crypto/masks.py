@@ -55,7 +55,7 @@ def install_generator(module: ModuleType, stock: Callable[..., object],
     if module.pseudo_rand_gen is not expand_masks:
         check()
         module.pseudo_rand_gen = expand_masks
-        log.info("SecAgg+ masks in %s: %s", module.__name__.rsplit(".", 1)[-1], MASK_GENERATOR)
+        log.debug("SecAgg+ masks in %s: %s", module.__name__, MASK_GENERATOR)
 
 
 mask_round: contextvars.ContextVar[int] = contextvars.ContextVar("pathfed_mask_round", default=0)

@@ -2,35 +2,46 @@
 
 Every registered builder returns a module that passes Opacus' strict validator
 (``ModuleValidator.validate(model, strict=True)``): GroupNorm, never BatchNorm.
+The registry names ``module:function`` builders, so knowing the names (to validate a
+config, or in a site's SecAgg+ key exchange) does not import torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-from torch import nn
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from common.errors import UnknownModelError
-from common.models.mil import AttentionMIL, MILOutput
 
-ModelBuilder = Callable[..., nn.Module]
+if TYPE_CHECKING:
+    from torch import nn
 
-MODELS: dict[str, ModelBuilder] = {
-    "gated-attention-mil": lambda in_dim, **kw: AttentionMIL(in_dim, gated=True, **kw),
-    "attention-mil": lambda in_dim, **kw: AttentionMIL(in_dim, gated=False, **kw),
+    from common.models.mil import AttentionMIL, MILOutput
+
+MODELS: dict[str, str] = {
+    "gated-attention-mil": "common.models.mil:gated_attention_mil",
+    "attention-mil": "common.models.mil:attention_mil",
 }
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
     """Build the registered model ``name`` with ``kwargs`` (e.g. ``in_dim``)."""
     try:
-        builder = MODELS[name]
+        target = MODELS[name]
     except KeyError:
         raise UnknownModelError(
             f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}"
         ) from None
-    return builder(**kwargs)
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)(**kwargs)  # type: ignore[no-any-return]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("AttentionMIL", "MILOutput"):
+        from common.models import mil
+
+        return getattr(mil, name)
+    raise AttributeError(name)
 
 
 __all__ = ["MODELS", "AttentionMIL", "MILOutput", "build_model"]

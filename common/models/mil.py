@@ -7,7 +7,7 @@ DP-SGD, so every layer acts per bag and Opacus' per-sample gradients are per sli
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -67,3 +67,13 @@ class AttentionMIL(nn.Module):
         pooled = torch.einsum("bn,bnm->bm", attention, h)
         logits = self.classifier(pooled).squeeze(-1)
         return MILOutput(logits=logits, attention=attention)
+
+
+def gated_attention_mil(in_dim: int, **kwargs: Any) -> AttentionMIL:
+    """Gated attention-MIL (Ilse et al. 2018, Eq. 9)."""
+    return AttentionMIL(in_dim, gated=True, **kwargs)
+
+
+def attention_mil(in_dim: int, **kwargs: Any) -> AttentionMIL:
+    """Attention-MIL (Ilse et al. 2018, Eq. 8)."""
+    return AttentionMIL(in_dim, gated=False, **kwargs)
