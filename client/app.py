@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Context
@@ -17,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from client.secagg import secaggplus_mod
 from common.config import FederationConfig
+from common.runs import atomic_write
 
 if TYPE_CHECKING:
     from common.site import Site
@@ -28,6 +30,14 @@ logging.getLogger("flwr").setLevel(logging.INFO)
 STATE_KEY = "pathfed-site"
 
 
+def _state_file(context: Context, cfg: FederationConfig) -> Path | None:
+    """Where a deployed site keeps its state on disk (it outlives any process)."""
+    folder = context.node_config.get("state-dir")
+    if not folder:
+        return None
+    return Path(str(folder)) / f"site-state-{cfg.run_id or 'default'}.json"
+
+
 def _site(context: Context, config: dict[str, Any]) -> Site:
     # torch and Opacus load here, not at import: in deployment every message starts a
     # fresh ClientApp process, and three of SecAgg+'s four stages need no model.
@@ -37,16 +47,23 @@ def _site(context: Context, config: dict[str, Any]) -> Site:
         {k: v for k, v in config.items() if k != "server-round"}, "server config"
     )
     node = context.node_config
-    index = int(node.get("partition-id", node.get("site-index", 0)))
+    index = int(node.get("partition-id", 0))
     name = str(node["site-name"]) if "site-name" in node else None
     data = str(node["data-path"]) if "data-path" in node else None
     record = context.state.config_records.get(STATE_KEY)
     state = json.loads(str(record["state"])) if record else None
+    path = _state_file(context, cfg)
+    if path is not None and path.is_file():
+        state = json.loads(path.read_text())  # the disk copy survives restarts
     return Site(cfg, index, name=name, data=data, state=state)
 
 
 def _save(context: Context, site: Site) -> None:
-    context.state.config_records[STATE_KEY] = ConfigRecord({"state": json.dumps(site.state())})
+    text = json.dumps(site.state())
+    context.state.config_records[STATE_KEY] = ConfigRecord({"state": text})
+    path = _state_file(context, site.cfg)
+    if path is not None:
+        atomic_write(path, text.encode())
 
 
 class HospitalClient(NumPyClient):

@@ -37,6 +37,12 @@ class FederationConfig(BaseModel):
     )
     seed: int = Field(0, ge=0, description="Seed of data splits, initial model and sampling.")
     out: str = Field("", description="Run folder; empty means runs/<timestamp>.")
+    run_id: str = Field(
+        "", description="Name of the federation; deployed sites keep their privacy state by it."
+    )
+    resume: bool = Field(
+        False, description="Continue the run in `out` from its last checkpoint."
+    )
     deterministic: bool = Field(
         True,
         description="Seed DP noise and sampling from `seed` (reproducible simulations); "

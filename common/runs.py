@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from common.crypto.sealed import SUFFIX, load_key, seal, unseal
+from common.errors import DataError
+
 
 def default_run_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
@@ -46,8 +49,9 @@ def atomic_write(path: Path, data: bytes) -> None:
 class RunFolder:
     """Writer of one run folder."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, checkpoint_key: bytes | None = None) -> None:
         self.path = Path(path)
+        self.checkpoint_key = checkpoint_key
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "checkpoints").mkdir(exist_ok=True)
 
@@ -65,13 +69,26 @@ class RunFolder:
 
     def save_checkpoint(self, server_round: int, names: list[str],
                         weights: list[np.ndarray]) -> Path:
-        target = self.path / "checkpoints" / f"round-{server_round:03d}.npz"
+        """Write the global model of ``server_round``; AES-GCM sealed when a key is set."""
         import io
 
+        name = checkpoint_name(server_round)
         buf = io.BytesIO()
         np.savez(buf, **dict(zip(names, weights)))
-        atomic_write(target, buf.getvalue())
+        if self.checkpoint_key is None:
+            target = self.path / "checkpoints" / name
+            atomic_write(target, buf.getvalue())
+        else:
+            target = self.path / "checkpoints" / (name + SUFFIX)
+            atomic_write(target, seal(buf.getvalue(), self.checkpoint_key, name))
         return target
+
+    def latest_checkpoint(self) -> tuple[int, Path] | None:
+        """The last round with a checkpoint, and its file."""
+        found = sorted(self.path.glob("checkpoints/round-*.npz*"))
+        if not found:
+            return None
+        return int(found[-1].name[6:9]), found[-1]
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -80,6 +97,24 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def load_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+def checkpoint_name(server_round: int) -> str:
+    return f"round-{server_round:03d}.npz"
+
+
+def load_checkpoint(path: str | Path, key: bytes | None = None) -> dict[str, np.ndarray]:
+    """A global checkpoint's arrays by name; sealed files need the consortium's key."""
+    import io
+
+    path = Path(path)
+    data = path.read_bytes()
+    if path.name.endswith(SUFFIX):
+        key = key or load_key()
+        if key is None:
+            raise DataError(f"{path}: encrypted checkpoint; give the key (--key-file or "
+                            "PATHFED_CHECKPOINT_KEY)")
+        data = unseal(data, key, path.name[: -len(SUFFIX)], str(path))
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path}: not a PathFed checkpoint ({err})") from None

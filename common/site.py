@@ -86,8 +86,9 @@ class Site:
         cfg: the federation's configuration (as sent by the server).
         index: the site's position in the federation (simulation partition id).
         name: the site's name; ``site-<index>`` by default.
-        data: the site's data: empty or a path (see :func:`common.data.load_site`);
-            defaults to ``cfg.data``.
+        data: the site's own data (a deployed hospital): empty or a path, see
+            :func:`common.data.load_site`; all of it belongs to this site. Without it, the
+            site takes its share ``index`` of ``cfg.data`` (a simulation).
         state: what :meth:`state` returned after the previous round, if any.
     """
 
@@ -96,8 +97,9 @@ class Site:
         self.cfg = cfg
         self.index = index
         self.name = name or f"site-{index}"
+        share, shares, source = (index, cfg.sites, cfg.data) if data is None else (0, 1, data)
         self.data: SiteData = load_site(
-            index, cfg.sites, cfg.data if data is None else data, cfg.seed, cfg.val_fraction,
+            share, shares, source, cfg.seed, cfg.val_fraction,
             cfg.synthetic_bags, cfg.patch_size, cfg.encoder,
         )
         self.max_instances = self.data.max_instances
@@ -141,9 +143,9 @@ class Site:
                 f"secagg-max-weight: {self.name} has {len(self.data.train)} training slides, "
                 f"more than {self.cfg.secagg_max_weight}; raise secagg-max-weight"
             )
-        torch.manual_seed(_seed(self.cfg.seed, self.index, server_round, "init"))
+        torch.manual_seed(_seed(self.cfg.seed, self.name, server_round, "init"))
         model = self._model(weights)
-        seed = _seed(self.cfg.seed, self.index, server_round) if self.cfg.deterministic else None
+        seed = _seed(self.cfg.seed, self.name, server_round) if self.cfg.deterministic else None
         result = local_train(
             model, self.data.train.to_dataset(self.max_instances),
             epochs=self.cfg.local_epochs, batch_size=self.cfg.batch_size, lr=self.cfg.lr,

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -15,14 +16,29 @@ from common.config import FederationConfig
 from server.federation import run_federation
 
 
+def _show_pathfed_log() -> None:
+    """PathFed's lines (one per round) on stdout, which Flower streams to `flwr run`.
+
+    Under `pathfed simulate` the CLI has configured logging already; leave it alone.
+    """
+    if logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    for name in ("server", "common"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def make_server_app(cfg: FederationConfig | None = None) -> ServerApp:
     """A ServerApp running ``cfg``, or the run config it is given when ``cfg`` is None."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        if not logging.getLogger().handlers:
-            logging.basicConfig(level=logging.INFO, format="%(message)s")
+        _show_pathfed_log()
         config = cfg or FederationConfig.from_mapping(context.run_config, "run config")
         run_federation(grid, context, config)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
@@ -13,7 +12,9 @@ from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid
 
 from common.config import FederationConfig
-from common.runs import RunFolder, default_run_dir
+from common.crypto.sealed import load_key
+from common.errors import ConfigError
+from common.runs import RunFolder, default_run_dir, load_checkpoint, read_metrics
 from common.site import initial_model
 from common.training import get_weights
 from server.secagg import make_secagg_workflow
@@ -24,18 +25,35 @@ log = logging.getLogger(__name__)
 
 def run_federation(grid: Grid, context: Context, cfg: FederationConfig) -> dict[str, Any]:
     """Run ``cfg.rounds`` rounds over the sites ``grid`` reaches; write the run folder."""
-    run = RunFolder(cfg.out or default_run_dir())
-    run.write_json("config.json", cfg.to_run_config())
+    key = load_key()
+    run = RunFolder(cfg.out or default_run_dir(), checkpoint_key=key)
     model = initial_model(cfg)
     names = list(model.state_dict().keys())
-    strategy = PathFedStrategy(cfg, names, get_weights(model), run)
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.rounds),
+    weights, done, history = get_weights(model), 0, []
+    latest = run.latest_checkpoint()
+    if latest and not cfg.resume:
+        raise ConfigError(f"{run.path}: holds checkpoints of an earlier run; resume it "
+                          "(`resume = true`, `pathfed run --resume`) or choose another out")
+    if latest and cfg.resume:
+        done, path = latest
+        saved = load_checkpoint(path, key)
+        weights = [saved[name] for name in names]
+        history = [r for r in read_metrics(run.path)
+                   if r["site"] == "global" and r["round"] <= done]
+        log.info("resuming %s after round %d (checkpoint %s)", run.path, done, path.name)
+    run.write_json("config.json", cfg.to_run_config())
+    strategy = PathFedStrategy(cfg, names, weights, run, round_offset=done)
+    strategy.history = history
+    if history:
+        strategy.epsilon = dict(history[-1]["epsilon"])
+    legacy = LegacyContext(context=context,
+                           config=ServerConfig(num_rounds=max(0, cfg.rounds - done)),
                            strategy=strategy)
     fit_workflow = make_secagg_workflow(cfg) if cfg.secagg else None
-    log.info("PathFed: %d sites x %d rounds, model %s, DP %s, SecAgg+ %s, run folder %s",
-             cfg.sites, cfg.rounds, cfg.model,
+    log.info("PathFed: %d sites x %d rounds, model %s, DP %s, SecAgg+ %s, checkpoints %s, "
+             "run folder %s", cfg.sites, cfg.rounds, cfg.model,
              f"on (epsilon={cfg.epsilon:g}, delta={cfg.delta:g})" if cfg.dp else "OFF",
-             "on" if cfg.secagg else "OFF", run.path)
+             "on" if cfg.secagg else "OFF", "AES-256-GCM" if key else "plain", run.path)
     start = time.perf_counter()
     DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
     last = strategy.history[-1] if strategy.history else {}
@@ -49,7 +67,9 @@ def run_federation(grid: Grid, context: Context, cfg: FederationConfig) -> dict[
         "data": cfg.data or "synthetic", "seed": cfg.seed,
         "exhausted_sites": strategy.exhausted,
         "wall_time_s": round(time.perf_counter() - start, 2),
-        "checkpoint": str(Path("checkpoints") / f"round-{len(strategy.history):03d}.npz"),
+        "checkpoint": str(latest[1].relative_to(run.path))
+        if (latest := run.latest_checkpoint()) else None,
+        "checkpoints_encrypted": key is not None,
     }
     run.write_json("summary.json", summary)
     log.info("results in %s (summary.json, metrics.jsonl, checkpoints/)", run.path)

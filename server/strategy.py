@@ -44,7 +44,7 @@ class PathFedStrategy(FedAvg):
     """FedAvg over site updates with validation, budgets, checkpoints and run records."""
 
     def __init__(self, cfg: FederationConfig, names: list[str], weights: list[np.ndarray],
-                 run: RunFolder) -> None:
+                 run: RunFolder, round_offset: int = 0) -> None:
         super().__init__(
             fraction_fit=cfg.fraction_fit, fraction_evaluate=1.0,
             min_fit_clients=2, min_evaluate_clients=1, min_available_clients=cfg.sites,
@@ -63,6 +63,8 @@ class PathFedStrategy(FedAvg):
         self.round_fit: dict[int, dict[str, Any]] = {}
         self.history: list[dict[str, Any]] = []
         self.epsilon: dict[str, float] = {}
+        self.round_offset = round_offset
+        """Rounds done before this process started (a resumed run): Flower counts from 1."""
 
     # ---- configuration sent to sites ----------------------------------------------
     def _config(self, server_round: int) -> dict[str, Scalar]:
@@ -70,23 +72,44 @@ class PathFedStrategy(FedAvg):
         config["server-round"] = server_round
         return config
 
+    def _available(self, client_manager: ClientManager, server_round: int,
+                   minimum: int) -> list[ClientProxy]:
+        """Sites connected now: all of them before the first round, else at least ``minimum``.
+
+        FedAvg would wait up to a day for ``min_available_clients``; a site that died must
+        not stall the federation, so later rounds go on with whoever is there.
+        """
+        wanted = self.cfg.sites if server_round == 1 else minimum
+        if not client_manager.wait_for(wanted, timeout=int(self.cfg.timeout)):
+            log.warning("round %d: %d of %d sites connected after %.0f s; going on",
+                        self._round(server_round), client_manager.num_available(), wanted,
+                        self.cfg.timeout)
+        return list(client_manager.all().values())
+
+    def _round(self, server_round: int) -> int:
+        return server_round + self.round_offset
+
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        pairs = super().configure_fit(server_round, parameters, client_manager)
+        rnd = self._round(server_round)
         chosen = []
-        for proxy, fitins in pairs:
+        for proxy in self._available(client_manager, server_round, 2):
             site = self.node_site.get(proxy.node_id)
             if site in self.exhausted:
-                log.info("round %d: %s not asked to train: %s", server_round, site,
-                         self.exhausted[site])
+                log.info("round %d: %s not asked to train: %s", rnd, site, self.exhausted[site])
                 continue
-            chosen.append((proxy, FitIns(fitins.parameters, self._config(server_round))))
-        return chosen
+            chosen.append(proxy)
+        count = max(min(2, len(chosen)), round(self.cfg.fraction_fit * len(chosen)))
+        chosen = sorted(chosen, key=lambda p: p.node_id)
+        if count < len(chosen):
+            rng = np.random.default_rng([self.cfg.seed, rnd])
+            chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), count, replace=False))]
+        return [(p, FitIns(parameters, self._config(rnd))) for p in chosen]
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
-        pairs = super().configure_evaluate(server_round, parameters, client_manager)
-        return [(p, EvaluateIns(ins.parameters, self._config(server_round))) for p, ins in pairs]
+        ins = EvaluateIns(parameters, self._config(self._round(server_round)))
+        return [(p, ins) for p in self._available(client_manager, server_round, 1)]
 
     # ---- aggregation ----------------------------------------------------------------
     def _check(self, proxy: ClientProxy, res: FitRes) -> str | None:
@@ -105,6 +128,7 @@ class PathFedStrategy(FedAvg):
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        flower_round, server_round = server_round, self._round(server_round)
         for failure in failures:
             reason = failure[1] if isinstance(failure, tuple) else failure
             log.warning("round %d: a site failed: %s", server_round, reason)
@@ -124,7 +148,7 @@ class PathFedStrategy(FedAvg):
             log.warning("round %d: aggregate rejected; the global model is unchanged",
                         server_round)
             return None, {}
-        aggregated, _ = super().aggregate_fit(server_round, accepted, [])
+        aggregated, _ = super().aggregate_fit(flower_round, accepted, [])
         if aggregated is None:
             return None, {}
         mean_update = parameters_to_ndarrays(aggregated)
@@ -145,6 +169,7 @@ class PathFedStrategy(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
                            failures: list[Any]) -> tuple[float | None, dict[str, Scalar]]:
+        server_round = self._round(server_round)
         fit = self.round_fit.get(server_round, {"trained": [], "failed": 0, "sites": {}})
         total = EvalCounts()
         records = []

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, DataError, PathFedError, UnknownModelError
+from simulations import deploy_cli
 
 log = logging.getLogger("pathfed")
 
@@ -146,12 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _simulate_parser(sub)
+    deploy_cli.add_parsers(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "simulate":
+        _setup_logging(verbose=False)
     try:
         return int(args.func(args))
     except (ConfigError, UnknownModelError, DataError) as err:

@@ -9,16 +9,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from common import deployment
 from common.config import FederationConfig
 from common.runs import default_run_dir
 
 log = logging.getLogger(__name__)
 
-# No telemetry, no update checks, no dependency installs from the internet.
 FLOWER_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    **deployment.FLOWER_ENV,
     "RAY_DEDUP_LOGS": "0",
     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
