@@ -207,11 +207,10 @@ def _mpp_from_resolution(path: Path, resolution: float | None, unit: str | None)
 
 def _white_composite(rgba: Image.Image) -> np.ndarray:
     """OpenSlide returns transparent pixels outside the scanned area: make them white."""
+    if rgba.getextrema()[3][0] == 255:  # opaque (the usual case): PIL converts in C
+        return np.asarray(rgba.convert("RGB"))
     arr = np.asarray(rgba)
-    rgb, alpha = arr[..., :3], arr[..., 3:4]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
-    a = alpha.astype(np.uint16)
+    rgb, a = arr[..., :3], arr[..., 3:4].astype(np.uint16)
     return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
 
 

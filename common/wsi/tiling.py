@@ -131,7 +131,7 @@ def pen_fraction(patches: np.ndarray) -> np.ndarray:
     H&E is pink to purple (hue ~ 270-360° and 0-20°); blue (190-260°) or green (70-170°)
     pixels that are strongly saturated, or near-black pixels, are marker ink.
     """
-    hsv = rgb_to_hsv(patches)
+    hsv = rgb_to_hsv(patches[:, ::2, ::2])  # every other pixel estimates a fraction well
     h, s, v = hsv[..., 0] * 360.0, hsv[..., 1], hsv[..., 2]
     blue = (h >= 190) & (h <= 260) & (s > 0.4) & (v > 0.15)
     green = (h >= 70) & (h <= 170) & (s > 0.3) & (v > 0.15)
