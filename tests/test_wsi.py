@@ -25,6 +25,7 @@ from common.wsi.stain import (
     MacenkoNormalizer,
     from_od,
     hed_augment,
+    hed_augment_tensor,
     to_od,
 )
 from common.wsi.synthetic import synthetic_slide, synthetic_tissue
@@ -92,7 +93,7 @@ def test_array_reader_pads_white_and_resizes() -> None:
     img = np.zeros((100, 200, 3), dtype=np.uint8)
     img[:, 100:] = 200
     reader = ArrayReader([img, img[::2, ::2]], mpp=0.25, name="mem")
-    assert reader.dimensions == (200, 100) and reader.level_downsamples == (2.0 / 2, 2.0)
+    assert reader.dimensions == (200, 100) and reader.level_downsamples == (1.0, 2.0)
     region = reader.read_region((190, 90), 0, (20, 20))
     assert (region[:10, :10] == 200).all() and (region[10:, :] == 255).all()
     out = reader.read_at_mpp((100, 0), (25, 25), 1.0)  # 4x: level 1 then resize
@@ -192,6 +193,12 @@ def test_hed_augmentation_changes_colour_not_shape() -> None:
     assert np.abs(a.astype(int) - batch).mean() > 2
     tissue = (to_od(batch) > 0.15).all(axis=-1)
     assert np.corrcoef(a[tissue][:, 1], batch[tissue][:, 1])[0, 1] > 0.8  # structure kept
+    import torch
+
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255
+    t = hed_augment_tensor(x, np.random.default_rng(0), scale=0.1, shift=0.1)
+    assert t.shape == x.shape  # same draws as the numpy version: same colours, up to rounding
+    assert (t * 255 - torch.from_numpy(a).permute(0, 3, 1, 2).float()).abs().mean() < 1.0
 
 
 # --- Encoders --------------------------------------------------------------------------

@@ -461,7 +461,7 @@ class _Progress:
 
     def start_slide(self, name: str) -> None:
         if self._p:
-            self._p.update(self._patches, description=name[-40:], completed=0, total=None)
+            self._p.reset(self._patches, total=0, description=name[-40:])
 
     def set_patches(self, n: int) -> None:
         if self._p:

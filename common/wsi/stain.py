@@ -13,9 +13,14 @@ variation between hospitals.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from common.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 IO = 255.0
 """Transmitted light intensity (white)."""
@@ -121,9 +126,9 @@ def hed_augment(images: np.ndarray, rng: np.random.Generator, scale: float = 0.0
     return from_od(od).reshape(images.shape)
 
 
-def hed_augment_tensor(images: object, rng: np.random.Generator, scale: float = 0.05,
-                       shift: float = 0.05) -> object:
-    """:func:`hed_augment` for a float tensor ``[B, 3, H, W]`` in [0, 1] (torch, same device)."""
+def hed_augment_tensor(images: torch.Tensor, rng: np.random.Generator, scale: float = 0.05,
+                       shift: float = 0.05) -> torch.Tensor:
+    """:func:`hed_augment` for a float tensor ``[B, 3, H, W]`` in [0, 1] (same device)."""
     import torch
 
     x = images
