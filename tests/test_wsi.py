@@ -348,3 +348,24 @@ def test_cli_prepare_bad_input_exits_2(tmp_path: Path) -> None:
         assert r.returncode == 2, (args, r.stderr)
         assert "Traceback" not in r.stderr + r.stdout and needle in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_prepare_plain_images_blank_and_duplicate_names(tmp_path: Path) -> None:
+    from common.wsi.synthetic import write_pyramid_tiff
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    Image.fromarray(synthetic_tissue(256, 256, seed=8)).save(slides / "a.png")
+    Image.fromarray(synthetic_tissue(256, 256, seed=9)).save(slides / "a.jpg")
+    write_pyramid_tiff(slides / "blank.tif", np.full((512, 512, 3), 245, np.uint8))
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="no slide files"):
+        prepare(tmp_path, out)  # only a sub-folder, and not a DICOM one
+    summary = prepare(slides, out, mpp=0.5, patch_size=32, slide_mpp=0.5, progress=False)
+    rows = read_manifest(out / "manifest.csv")
+    assert rows["a.jpg"]["status"] == "done" and int(rows["a.jpg"]["n_patches"]) > 0
+    assert rows["a.png"]["status"] == "failed" and "same name as a.jpg" in rows["a.png"]["reason"]
+    assert rows["blank.tif"]["status"] == "failed" and "tissue" in rows["blank.tif"]["reason"]
+    assert summary.counts == {"done": 1, "skipped": 0, "failed": 2}
+    with h5py.File(out / "a.h5") as h5:
+        assert h5.attrs["slide_mpp_source"] == "user-default"
