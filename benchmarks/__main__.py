@@ -6,7 +6,11 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = {"secagg": "benchmarks.secagg"}
+BENCHMARKS = {
+    "secagg": "benchmarks.secagg",
+    "tiling": "benchmarks.tiling",
+    "extract": "benchmarks.extract",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

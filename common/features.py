@@ -1,28 +1,45 @@
 """Patch encoders: image patches ``uint8[n, P, P, 3]`` to features ``float32[n, D]``.
 
-A registry maps names to encoders. ``color-texture`` is a fixed, data-independent
-hand-crafted encoder (colour, stain and texture statistics): it needs no weights, so the
-project runs where nothing can be downloaded. Learned encoders join this registry later.
-Encoders never normalise with statistics of the data: that would be an unaccounted
-use of private data outside DP-SGD.
+A registry maps names to encoder builders; :func:`build_encoder` returns an
+:class:`Encoder` with a ``name``, a feature size ``dim`` and a ``weights_hash`` (sha256 of
+the weights file, or ``"none"``) that feature files record, so features from different
+weights are never mixed.
+
+- ``color-texture``: fixed, data-independent hand-crafted statistics (colour, stain,
+  texture); it needs no weights, so the project runs where nothing can be downloaded.
+- ``resnet-tiny``: a small plain-torch ResNet (GroupNorm, 256-d), random-initialised with a
+  fixed seed or loaded from a local weights file (``torch.load(weights_only=True)``).
+- ``timm:ARCH``: any timm architecture, when timm is installed (it needs torchvision).
+- Models of :mod:`common.models` with an embedding method join with
+  :func:`register_model_encoder`.
+
+Encoders never normalise with statistics of the data (fixed ImageNet constants only): that
+would be an unaccounted use of private data outside DP-SGD.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from common.errors import UnknownModelError
+from common.errors import ConfigError, DataError, UnknownModelError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
 
 # Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, residual) in OD space.
 _RGB_FROM_HED = np.array(
     [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float32
 )
 _HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED / np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True))
-
-Encoder = Callable[[np.ndarray], np.ndarray]
-
 
 def color_texture(patches: np.ndarray) -> np.ndarray:
     """21 colour, stain and texture statistics per patch."""
@@ -48,14 +65,223 @@ def color_texture(patches: np.ndarray) -> np.ndarray:
     return np.concatenate(feats, axis=1).astype(np.float32)
 
 
-ENCODERS: dict[str, Encoder] = {"color-texture": color_texture}
+@runtime_checkable
+class Encoder(Protocol):
+    """Patches ``uint8[n, P, P, 3]`` to features ``float32[n, dim]``."""
+
+    name: str
+    dim: int
+    weights_hash: str
+
+    def __call__(self, patches: np.ndarray) -> np.ndarray: ...
+
+
+class FunctionEncoder:
+    """A fixed numpy function as an :class:`Encoder` (no weights)."""
+
+    def __init__(self, name: str, fn: Callable[[np.ndarray], np.ndarray], dim: int) -> None:
+        self.name, self.fn, self.dim, self.weights_hash = name, fn, dim, "none"
+
+    def __call__(self, patches: np.ndarray) -> np.ndarray:
+        if len(patches) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.fn(patches)
+
+    def __repr__(self) -> str:
+        return f"FunctionEncoder({self.name!r}, dim={self.dim})"
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class TorchEncoder:
+    """A torch module as an :class:`Encoder`: ``embed(x[B, 3, P, P]) -> [B, D]`` in batches.
+
+    Patches are scaled to [0, 1] and standardised with fixed constants (ImageNet's by
+    default), never with statistics of the data.
+    """
+
+    def __init__(
+        self, module: nn.Module, name: str, weights_hash: str = "none", *,
+        embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        batch_size: int = 64, device: str = "cpu",
+    ) -> None:
+        import torch
+
+        self.module = module.to(device).eval()
+        self.name, self.weights_hash, self.batch_size = name, weights_hash, batch_size
+        self.device = torch.device(device)
+        self._embed = embed or self.module
+        self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.dim = int(self._forward(np.zeros((1, 64, 64, 3), dtype=np.uint8)).shape[1])
+
+    def _forward(self, patches: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(patches)).to(self.device)
+            x = x.permute(0, 3, 1, 2).float().div_(255.0)
+            out = self._embed((x - self._mean) / self._std)
+            return out.reshape(out.shape[0], -1).float().cpu().numpy()
+
+    def __call__(self, patches: np.ndarray) -> np.ndarray:
+        if patches.ndim != 4 or patches.shape[-1] != 3:
+            raise ValueError(f"expected patches uint8[n, P, P, 3], got {list(patches.shape)}")
+        if len(patches) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        parts = [self._forward(patches[i:i + self.batch_size])
+                 for i in range(0, len(patches), self.batch_size)]
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+    def __repr__(self) -> str:
+        return f"TorchEncoder({self.name!r}, dim={self.dim}, weights={self.weights_hash[:12]})"
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_weights(module: nn.Module, path: str | Path, encoder: str) -> str:
+    """Load a local weights file into ``module`` (strictly); return the file's sha256.
+
+    Raises :class:`DataError` naming the file: missing, not a PyTorch state dict, or
+    parameters that do not fit the architecture (listing the first differences).
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: weights file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types (struct.error, EOFError, ...)
+        raise DataError(f"{path}: not a PyTorch state-dict file that torch.load(weights_only=True) "
+                        f"can read ({type(err).__name__}); give the file written by "
+                        "torch.save(model.state_dict(), path)") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DataError(f"{path}: expected a state dict of tensors "
+                        f"(torch.save(model.state_dict(), file)) for encoder {encoder!r}")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected),
+                                      ("shape mismatch", shapes)) if items]
+        raise DataError(f"{path}: weights do not fit encoder {encoder!r} ({'; '.join(parts)}); "
+                        f"give a file saved from the {encoder!r} architecture")
+    module.load_state_dict(state, strict=True)
+    return file_sha256(path)
+
+
+def _resnet_tiny(weights: str | Path | None) -> Encoder:
+    import torch
+
+    from common.models.encoders import ResNetTiny
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # random-init features are reproducible across runs
+        module = ResNetTiny()
+    digest = load_weights(module, weights, "resnet-tiny") if weights else "none"
+    return TorchEncoder(module, "resnet-tiny", digest)
+
+
+def _color_texture(weights: str | Path | None) -> Encoder:
+    if weights:
+        raise ConfigError("encoder 'color-texture' takes no weights file; drop --weights or "
+                          "choose a learned encoder such as 'resnet-tiny'")
+    return FunctionEncoder("color-texture", color_texture, dim=21)
+
+
+def _timm(arch: str, weights: str | Path | None) -> Encoder:
+    try:
+        import timm
+    except ImportError as err:
+        raise ConfigError(f"encoder 'timm:{arch}' needs the timm package, which cannot be "
+                          f"imported here ({err}); install timm and torchvision, or use "
+                          f"one of: {', '.join(sorted(ENCODERS))}") from None
+    try:
+        module = timm.create_model(arch, pretrained=False, num_classes=0)
+    except RuntimeError as err:  # timm's "Unknown model"
+        raise UnknownModelError(f"unknown timm architecture {arch!r} ({err})") from None
+    digest = load_weights(module, weights, f"timm:{arch}") if weights else "none"
+    if not weights:
+        log.warning("encoder timm:%s has random weights (no --weights file given)", arch)
+    return TorchEncoder(module, f"timm:{arch}", digest)
+
+
+EncoderBuilder = Callable[[str | Path | None], Encoder]
+"""Builds an encoder from an optional local weights file."""
+
+ENCODERS: dict[str, EncoderBuilder] = {
+    "color-texture": _color_texture,
+    "resnet-tiny": _resnet_tiny,
+}
+
+
+def register_encoder(name: str, builder: EncoderBuilder) -> None:
+    """Add an encoder builder to the registry under ``name``."""
+    if name in ENCODERS:
+        raise ValueError(f"encoder {name!r} is already registered")
+    ENCODERS[name] = builder
+
+
+def register_model_encoder(name: str, model: str, method: str = "embed",
+                           **model_kwargs: Any) -> None:
+    """Register a :mod:`common.models` model as an encoder through its ``method``.
+
+    E.g. ``register_model_encoder("patch-cnn", "patch-cnn", method="features")`` makes
+    ``build_encoder("patch-cnn", weights=FILE)`` embed patches with the trained model.
+    """
+
+    def builder(weights: str | Path | None) -> Encoder:
+        from common.models import build_model
+
+        module = build_model(model, **model_kwargs)
+        digest = load_weights(module, weights, name) if weights else "none"
+        embed = getattr(module, method, None)
+        if not callable(embed):
+            raise ConfigError(f"model {model!r} has no {method!r} method to embed patches with")
+        return TorchEncoder(module, name, digest, embed=embed)
+
+    register_encoder(name, builder)
+
+
+def build_encoder(name: str, weights: str | Path | None = None) -> Encoder:
+    """The registered encoder ``name``, with weights from a local file if given.
+
+    Raises:
+        UnknownModelError: unknown name (the message lists the known ones).
+        DataError: weights file missing, unreadable or not fitting the architecture.
+        ConfigError: weights given to an encoder that takes none.
+    """
+    if name.startswith("timm:"):
+        return _timm(name.removeprefix("timm:"), weights)
+    try:
+        builder = ENCODERS[name]
+    except KeyError:
+        raise UnknownModelError(
+            f"unknown encoder {name!r}; known encoders: {', '.join(sorted(ENCODERS))}, "
+            "or timm:ARCH"
+        ) from None
+    return builder(weights)
 
 
 def get_encoder(name: str) -> Encoder:
-    """The registered encoder ``name``."""
-    try:
-        return ENCODERS[name]
-    except KeyError:
-        raise UnknownModelError(
-            f"unknown encoder {name!r}; known encoders: {', '.join(sorted(ENCODERS))}"
-        ) from None
+    """The registered encoder ``name`` without weights (see :func:`build_encoder`)."""
+    return build_encoder(name)

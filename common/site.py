@@ -37,6 +37,10 @@ def feature_dim(cfg: FederationConfig) -> int:
         from common.data import load_site_file
 
         return load_site_file(cfg.data).train.dim
+    from common.data.h5 import h5_feature_dim, is_h5_folder
+
+    if is_h5_folder(cfg.data):
+        return h5_feature_dim(cfg.data)
     from common.features import get_encoder
 
     probe = np.full((1, cfg.patch_size, cfg.patch_size, 3), 128, dtype=np.uint8)

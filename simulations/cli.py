@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, DataError, PathFedError, UnknownModelError
-from simulations import deploy_cli
+from simulations import deploy_cli, prepare
 
 log = logging.getLogger("pathfed")
 
@@ -96,6 +96,10 @@ def _check_data(cfg: Any) -> None:
     """Fail before any work if the data folder cannot give every site something."""
     if not cfg.data or cfg.data.endswith(".npz"):
         return
+    from common.data.h5 import is_h5_folder
+
+    if is_h5_folder(cfg.data):  # prepared features: checked when loaded
+        return
     from common.data.images import assign_sites, read_image, read_labels
 
     folder = Path(cfg.data)
@@ -147,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _simulate_parser(sub)
+    prepare.add_parser(sub)
     deploy_cli.add_parsers(sub)
     return parser
 

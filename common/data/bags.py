@@ -147,7 +147,8 @@ def load_site(
     """Return site ``index`` of ``n_sites``: the one front door to a site's bags.
 
     ``data`` is empty (the embedded synthetic default), a site file (``.npz``), or a folder
-    of labelled images (``labels.csv``) that is split into hospitals by ``tma_group``.
+    of labelled images (``labels.csv``) that is split into hospitals by ``tma_group``, or a
+    folder of slide features written by ``pathfed prepare`` (``manifest.csv``).
     Results are cached per process, so a simulated site embeds its images once.
     """
     if data and data.endswith(".npz"):
@@ -156,6 +157,10 @@ def load_site(
         from common.data.synthetic import synthetic_site
 
         return synthetic_site(index, seed=seed, n_bags=synthetic_bags, val_fraction=val_fraction)
+    from common.data.h5 import h5_folder_site, is_h5_folder
+
+    if is_h5_folder(data):  # features prepared by `pathfed prepare`
+        return h5_folder_site(data, index, n_sites, seed=seed, val_fraction=val_fraction)
     from common.data.images import image_folder_site
 
     return image_folder_site(

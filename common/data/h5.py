@@ -1,0 +1,139 @@
+"""Folders of per-slide HDF5 feature files (written by ``pathfed prepare``) as MIL bags.
+
+The folder holds ``manifest.csv``, one ``<slide-stem>.h5`` per slide (dataset ``features``)
+and a labels file with columns ``slide,label[,tma_group|site][,patient]`` (``image`` is
+accepted for ``slide``; slides are matched by file stem, so ``a.svs`` matches ``a.h5``).
+Hospitals are formed from whole ``tma_group``/``site`` values, as for image folders.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.data.bags import SiteData, split_bags
+from common.data.images import NEGATIVE, POSITIVE, LabelledImage, assign_sites
+from common.errors import DataError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.csv"
+LABELS = "labels.csv"
+
+
+@dataclass(frozen=True)
+class H5Bags:
+    """Feature bags of the labelled slides of a folder, in labels-file order."""
+
+    bags: list[np.ndarray]
+    labels: np.ndarray
+    names: list[str]
+    groups: list[str]
+    patients: list[str]
+    paths: list[Path]
+
+
+def is_h5_folder(data: str | Path) -> bool:
+    """True if ``data`` is a folder written by ``pathfed prepare`` (it has a manifest)."""
+    return Path(data).is_dir() and (Path(data) / MANIFEST).is_file()
+
+
+def _read_labels(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise DataError(f"{path}: labels file missing; it needs columns "
+                        "slide,label[,tma_group|site][,patient]")
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        if not ({"slide", "image"} & set(columns)) or "label" not in columns:
+            raise DataError(f"{path}: header is {columns or 'empty'}; expected columns "
+                            "slide,label[,tma_group|site][,patient]")
+        return [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+
+
+def load_h5_bags(folder: str | Path, labels_csv: str | Path | None = None) -> H5Bags:
+    """Bags (``features`` of each slide's HDF5 file) and labels of a prepared folder.
+
+    ``labels_csv`` defaults to ``folder/labels.csv``. Labelled slides without a feature
+    file are skipped with a warning (see ``manifest.csv`` for why they failed).
+
+    Raises :class:`DataError` naming the file for a missing folder, a malformed labels
+    file, an unreadable feature file, or when no labelled slide has features.
+    """
+    import h5py
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: feature folder not found (run `pathfed prepare` first)")
+    labels_path = Path(labels_csv) if labels_csv else folder / LABELS
+    rows = _read_labels(labels_path)
+    out = H5Bags([], np.zeros(0, np.int64), [], [], [], [])
+    labels: list[int] = []
+    dims: set[int] = set()
+    for line, row in enumerate(rows, start=2):
+        name = row.get("slide") or row.get("image") or ""
+        raw = row.get("label", "").lower()
+        if not name:
+            raise DataError(f"{labels_path}: line {line}: empty slide name")
+        if raw not in POSITIVE | NEGATIVE:
+            raise DataError(f"{labels_path}: line {line}: label {raw!r} is not one of "
+                            f"{sorted(POSITIVE | NEGATIVE)}")
+        stem = Path(name).stem if Path(name).suffix else name
+        h5_path = folder / f"{stem}.h5"
+        if not h5_path.is_file():
+            log.warning("%s: no feature file for %s (see %s); skipped", h5_path, name,
+                        folder / MANIFEST)
+            continue
+        try:
+            with h5py.File(h5_path, "r") as h5:
+                features = np.asarray(h5["features"], dtype=np.float32)
+        except (OSError, KeyError) as err:
+            raise DataError(f"{h5_path}: not a PathFed feature file ({err}); re-run "
+                            "`pathfed prepare`") from None
+        if features.ndim != 2 or len(features) == 0:
+            log.warning("%s: no patch features; skipped", h5_path)
+            continue
+        dims.add(features.shape[1])
+        out.bags.append(features)
+        labels.append(1 if raw in POSITIVE else 0)
+        out.names.append(name)
+        out.groups.append(row.get("tma_group") or row.get("site") or name)
+        out.patients.append(row.get("patient") or name)
+        out.paths.append(h5_path)
+    if not out.bags:
+        raise DataError(f"{folder}: none of the {len(rows)} slides in {labels_path} has a "
+                        "feature file; run `pathfed prepare` on the slides")
+    if len(dims) > 1:
+        raise DataError(f"{folder}: feature files have different sizes {sorted(dims)}; "
+                        "prepare them all with one encoder")
+    return H5Bags(out.bags, np.array(labels, dtype=np.int64), out.names, out.groups,
+                  out.patients, out.paths)
+
+
+def h5_feature_dim(folder: str | Path) -> int:
+    """Feature size of a prepared folder (from its first feature file)."""
+    import h5py
+
+    for path in sorted(Path(folder).glob("*.h5")):
+        with h5py.File(path, "r") as h5:
+            return int(h5["features"].shape[1])
+    raise DataError(f"{folder}: no feature file (*.h5); run `pathfed prepare` first")
+
+
+def h5_folder_site(folder: str | Path, index: int, n_sites: int, seed: int = 0,
+                   val_fraction: float = 0.3) -> SiteData:
+    """Site ``index`` of a prepared folder split into ``n_sites`` hospitals by group."""
+    data = load_h5_bags(folder)
+    items = [LabelledImage(path, int(label), group)
+             for path, label, group in zip(data.paths, data.labels, data.groups)]
+    by_path = {item.path: i for i, item in enumerate(items)}
+    chosen = items if n_sites == 1 else assign_sites(items, n_sites)[index]
+    idx = [by_path[item.path] for item in chosen]
+    if not idx:
+        raise DataError(f"{folder}: site-{index} has no slide with features")
+    return split_bags(f"site-{index}", [data.bags[i] for i in idx], data.labels[idx],
+                      [data.names[i] for i in idx], val_fraction, seed + index)
