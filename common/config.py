@@ -59,6 +59,10 @@ class FederationConfig(BaseModel):
     )
     patch_size: int = Field(32, ge=8, le=4096, description="Patch size in pixels (images).")
     encoder: str = Field("color-texture", description="Patch encoder for image folders.")
+    patches_per_slide: int = Field(
+        16, ge=1, le=4096,
+        description="Patches drawn from each slide per round when training a patch model.",
+    )
 
     # Model and local training
     model: str = Field("gated-attention-mil", description="Model name in the registry.")

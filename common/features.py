@@ -107,7 +107,7 @@ class TorchEncoder:
         embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
-        batch_size: int = 64, device: str = "cpu",
+        batch_size: int = 64, device: str = "cpu", probe_size: int = 64,
     ) -> None:
         import torch
 
@@ -117,7 +117,8 @@ class TorchEncoder:
         self._embed = embed or self.module
         self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
-        self.dim = int(self._forward(np.zeros((1, 64, 64, 3), dtype=np.uint8)).shape[1])
+        probe = np.zeros((1, probe_size, probe_size, 3), dtype=np.uint8)
+        self.dim = int(self._forward(probe).shape[1])
 
     def _forward(self, patches: np.ndarray) -> np.ndarray:
         import torch
@@ -285,3 +286,34 @@ def build_encoder(name: str, weights: str | Path | None = None) -> Encoder:
 def get_encoder(name: str) -> Encoder:
     """The registered encoder ``name`` without weights (see :func:`build_encoder`)."""
     return build_encoder(name)
+
+
+def _patch_cnn(weights: str | Path | None) -> Encoder:
+    """The seed's residual patch CNN (``residual-patch-cnn``), e.g. trained in federation.
+
+    Its patch size is read from the weights (the fully connected layer's size depends on
+    it); without weights it is a 32-px network with a fixed random initialisation.
+    """
+    import math
+
+    import torch
+
+    from common.models import build_model
+
+    patch_size = 32
+    if weights:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            fc_in = state["cnn.fc.weight"].shape[1]
+            channels = state["cnn.unit2.conv2.weight"].shape[0]
+            patch_size = 4 * math.isqrt(fc_in // channels)
+        except Exception:  # load_weights below reports what is wrong with the file
+            pass
+    torch.manual_seed(0)
+    module = build_model("residual-patch-cnn", patch_size=patch_size)
+    digest = load_weights(module, weights, "patch-cnn") if weights else "none"
+    return TorchEncoder(module, "patch-cnn", digest, embed=module.embed,  # type: ignore[arg-type]
+                        probe_size=patch_size)
+
+
+register_encoder("patch-cnn", _patch_cnn)

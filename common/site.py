@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import TensorDataset
 
 from common.config import FederationConfig
 from common.data import SiteData, load_site
@@ -25,6 +26,9 @@ from common.privacy import DPPlan, SiteAccountant, plan_site
 from common.training import NDArrays, evaluate, local_train, set_weights, update_value_bound
 
 log = logging.getLogger(__name__)
+
+
+PATCH_MODEL = "residual-patch-cnn"
 
 
 def feature_dim(cfg: FederationConfig) -> int:
@@ -50,7 +54,14 @@ def feature_dim(cfg: FederationConfig) -> int:
 def initial_model(cfg: FederationConfig) -> torch.nn.Module:
     """The federation's initial global model (deterministic in ``cfg.seed``)."""
     torch.manual_seed(cfg.seed)
-    return build_model(cfg.model, in_dim=feature_dim(cfg))
+    return build_model(cfg.model, **model_kwargs(cfg))
+
+
+def model_kwargs(cfg: FederationConfig, in_dim: int | None = None) -> dict[str, Any]:
+    """Constructor arguments of ``cfg.model`` for this data."""
+    if cfg.model == PATCH_MODEL:
+        return {"patch_size": cfg.patch_size}
+    return {"in_dim": in_dim if in_dim is not None else feature_dim(cfg)}
 
 
 def secagg_clipping_range(cfg: FederationConfig) -> float:
@@ -102,9 +113,12 @@ class Site:
         self.index = index
         self.name = name or f"site-{index}"
         share, shares, source = (index, cfg.sites, cfg.data) if data is None else (0, 1, data)
+        self.patches = cfg.model == PATCH_MODEL
+        if self.patches and not source:
+            raise ConfigError(f"model {PATCH_MODEL}: needs image data (--data with labels.csv)")
         self.data: SiteData = load_site(
             share, shares, source, cfg.seed, cfg.val_fraction,
-            cfg.synthetic_bags, cfg.patch_size, cfg.encoder,
+            cfg.synthetic_bags, cfg.patch_size, "" if self.patches else cfg.encoder,
         )
         self.max_instances = self.data.max_instances
         self.accountant = SiteAccountant.from_json((state or {}).get("accountant"),
@@ -134,9 +148,16 @@ class Site:
         return self.accountant.projected_epsilon(self.plan) <= self.plan.epsilon_budget * (1 + 1e-9)
 
     def _model(self, weights: NDArrays) -> torch.nn.Module:
-        model = build_model(self.cfg.model, in_dim=self.data.train.dim)
+        model = build_model(self.cfg.model, **model_kwargs(self.cfg, self.data.train.dim))
         set_weights(model, weights)
         return model
+
+    def _dataset(self, split: str, server_round: int) -> TensorDataset:
+        bags = self.data.train if split == "train" else self.data.val
+        if self.patches:  # a fresh draw of patches each round; a fixed one to validate
+            return bags.to_patch_dataset(self.cfg.patches_per_slide,
+                                         _seed(self.cfg.seed, self.name, split, server_round))
+        return bags.to_dataset(self.max_instances)
 
     def train(self, weights: NDArrays, server_round: int) -> SiteReport:
         """One local round from the global ``weights``; raise if the budget is spent."""
@@ -151,7 +172,7 @@ class Site:
         model = self._model(weights)
         seed = _seed(self.cfg.seed, self.name, server_round) if self.cfg.deterministic else None
         result = local_train(
-            model, self.data.train.to_dataset(self.max_instances),
+            model, self._dataset("train", server_round),
             epochs=self.cfg.local_epochs, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
             optimizer=self.cfg.optimizer, plan=self.plan, accountant=self.accountant, seed=seed,
         )
@@ -178,7 +199,7 @@ class Site:
 
     def evaluate(self, weights: NDArrays) -> tuple[EvalCounts, dict[str, Any]]:
         """Evaluate the global ``weights`` on the site's validation bags."""
-        counts = evaluate(self._model(weights), self.data.val.to_dataset(self.max_instances))
+        counts = evaluate(self._model(weights), self._dataset("val", 0))
         metrics: dict[str, Any] = {
             "site": self.name, "epsilon": self.epsilon, "can_train_next": self.can_train(),
             **counts.to_metrics(),

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from opacus import PrivacyEngine
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.metrics import EvalCounts
@@ -69,13 +68,46 @@ def update_value_bound(optimizer: str, lr: float, steps: int, max_grad_norm: flo
     return lr * max_grad_norm * steps + noise
 
 
-def _bag_loss(model: nn.Module, features: torch.Tensor, mask: torch.Tensor,
-              labels: torch.Tensor) -> torch.Tensor:
-    out = model(features, mask)
-    if labels.numel() == 0:
+def _mean_loss(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+    """Mean of the model's per-sample losses over a batch ``(*inputs, labels)``."""
+    losses = model.sample_losses(*batch)
+    if losses.numel() == 0:
         # An empty Poisson batch still takes a (noise-only) DP step: keep the graph alive.
-        return out.logits.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(out.logits, labels)
+        return losses.sum() * 0.0
+    return losses.mean()
+
+
+def _vmap_grad_samples(module: nn.Module, batch: list[torch.Tensor]) -> None:
+    """Per-sample gradients with ``torch.func`` (one sample = one slide), for Opacus'
+    ``no_op`` mode: each parameter gets ``grad_sample[B, *shape]``."""
+    from torch.func import functional_call, grad, vmap
+
+    view = _LossView(module)
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if batch[-1].shape[0] == 0:  # empty Poisson batch: zero gradients, noise still added
+        for _, p in trainable:
+            p.grad_sample = torch.zeros((0, *p.shape))
+        return
+    params = {f"model.{n}": p.detach() for n, p in trainable}
+
+    def one_loss(p: dict[str, torch.Tensor], *sample: torch.Tensor) -> torch.Tensor:
+        return functional_call(view, p, tuple(t.unsqueeze(0) for t in sample))[0]
+
+    grads = vmap(grad(one_loss), in_dims=(None, *([0] * len(batch))),
+                 randomness="different")(params, *batch)
+    for n, p in trainable:
+        p.grad_sample = grads[f"model.{n}"]
+
+
+class _LossView(nn.Module):
+    """``forward`` = the wrapped model's ``sample_losses`` (for ``functional_call``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
+        return self.model.sample_losses(*batch)
 
 
 def local_train(
@@ -109,6 +141,7 @@ def local_train(
     )
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
     model.train()
+    vmap_grads = plan is not None and getattr(model, "per_sample_grads", "hooks") == "vmap"
     train_model: nn.Module = model
     if plan is not None:
         if accountant is None:
@@ -122,6 +155,7 @@ def local_train(
                 module=model, optimizer=opt, data_loader=loader,
                 noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
                 poisson_sampling=True, noise_generator=generator,
+                grad_sample_mode="no_op" if vmap_grads else "hooks",
             )
         # Opacus' loader builds its own sampler generator; seed it as well.
         if seed is not None:
@@ -132,15 +166,20 @@ def local_train(
         # Opacus' hooks on a model whose inputs need no gradient: expected, harmless.
         warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
         for _ in range(epochs):
-            for features, mask, labels in loader:
+            for batch in loader:
                 opt.zero_grad(set_to_none=True)
-                loss = _bag_loss(train_model, features, mask, labels)
-                loss.backward()
+                if vmap_grads:
+                    _vmap_grad_samples(model, batch)
+                    with torch.no_grad():
+                        loss = _mean_loss(model, batch)
+                else:
+                    loss = _mean_loss(model, batch)
+                    loss.backward()
                 opt.step()
                 steps += 1
-                if labels.numel():
+                if batch[-1].numel():
                     losses.append(float(loss.detach()))
-    if plan is not None:
+    if plan is not None and not vmap_grads:
         train_model.remove_hooks()  # type: ignore[operator]
     end = get_weights(model)
     update = [b - a for a, b in zip(start, end)]
@@ -156,10 +195,10 @@ def evaluate(model: nn.Module, data: TensorDataset, batch_size: int = 64) -> Eva
     """Evaluation counts of ``model`` on ``data`` (loss, confusion, score histograms)."""
     model.eval()
     logits, labels, loss_sum = [], [], 0.0
-    for features, mask, y in DataLoader(data, batch_size=batch_size):
-        out = model(features, mask).logits
-        loss_sum += float(F.binary_cross_entropy_with_logits(out, y, reduction="sum"))
-        logits.append(out.numpy())
+    for batch in DataLoader(data, batch_size=batch_size):
+        *inputs, y = batch
+        loss_sum += float(model.sample_losses(*inputs, y).sum())
+        logits.append(model.scores(*inputs).numpy())
         labels.append(y.numpy())
     if not logits:
         return EvalCounts()

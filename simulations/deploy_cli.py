@@ -70,6 +70,12 @@ def add_parsers(sub: Any) -> None:
     dec.add_argument("--key-file", required=True, metavar="KEY")
     dec.add_argument("--out", required=True, metavar="OUT.npz")
     dec.set_defaults(func=_cmd_decrypt)
+    exp = ksub.add_parser("export", help="a checkpoint as a PyTorch state dict (.pt), e.g. "
+                          "a federated patch CNN for `pathfed prepare --encoder patch-cnn`")
+    exp.add_argument("file", metavar="FILE")
+    exp.add_argument("--key-file", metavar="KEY", help="for encrypted checkpoints")
+    exp.add_argument("--out", required=True, metavar="OUT.pt")
+    exp.set_defaults(func=_cmd_export)
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -167,4 +173,16 @@ def _cmd_decrypt(args: argparse.Namespace) -> int:
     arrays = load_checkpoint(args.file, load_key(args.key_file))
     np.savez(args.out, **arrays)
     print(f"decrypted {len(arrays)} arrays to {args.out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from common.crypto.sealed import load_key
+    from common.runs import load_checkpoint
+
+    arrays = load_checkpoint(args.file, load_key(args.key_file) if args.key_file else None)
+    torch.save({k: torch.from_numpy(v.copy()) for k, v in arrays.items()}, args.out)
+    print(f"wrote {len(arrays)} tensors to {args.out}")
     return 0

@@ -10,6 +10,8 @@ from opacus.validators import ModuleValidator
 from common.errors import UnknownModelError
 from common.models import MODELS, MILOutput, build_model
 
+MIL_MODELS = sorted(name for name in MODELS if name.endswith("mil"))
+
 
 def _bags(b: int = 5, n: int = 9, d: int = 12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
@@ -32,9 +34,10 @@ def test_unknown_model_lists_known_ones() -> None:
 def test_models_pass_opacus_strict_validation(name: str) -> None:
     model = build_model(name, in_dim=12)
     ModuleValidator.validate(model, strict=True)
+    assert not ModuleValidator.validate(model, strict=False)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", MIL_MODELS)
 def test_output_shapes_and_attention(name: str) -> None:
     x, mask, _ = _bags()
     out = build_model(name, in_dim=12)(x, mask)
@@ -53,7 +56,7 @@ def test_padding_does_not_change_a_bag() -> None:
     assert torch.allclose(padded, alone, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", MIL_MODELS)
 def test_per_sample_gradients_match_one_bag_at_a_time(name: str) -> None:
     torch.manual_seed(0)
     model = build_model(name, in_dim=12)
@@ -72,3 +75,37 @@ def test_per_sample_gradients_match_one_bag_at_a_time(name: str) -> None:
                                                              reduction="sum").backward()
         for n, p in model.named_parameters():
             assert torch.allclose(per_sample[n][i], p.grad, atol=1e-6), n
+
+
+def test_patch_cnn_follows_the_seed_architecture() -> None:
+    from torch import nn
+
+    from common.models.patch_cnn import ResidualPatchCNN, ResidualUnit
+
+    cnn = ResidualPatchCNN(patch_size=32)
+    convs = [m for m in cnn.modules() if isinstance(m, nn.Conv2d)]
+    norms = [m for m in cnn.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == len(convs)  # a normalisation after every convolution
+    assert sum(isinstance(m, nn.MaxPool2d) for m in cnn.modules()) == 2
+    assert sum(isinstance(m, ResidualUnit) for m in cnn.modules()) >= 2
+    assert cnn.fc.out_features == 128 and cnn.dropout.p == 0.5
+    x = torch.randn(5, 3, 32, 32)
+    assert cnn(x).shape == (5, 2) and cnn.embed(x).shape == (5, 128)
+    assert torch.allclose(cnn.eval().predict_proba(x).sum(1), torch.ones(5))
+
+
+def test_patch_cnn_per_slide_gradients_match_one_slide_at_a_time() -> None:
+    from common.training import _vmap_grad_samples
+
+    torch.manual_seed(0)
+    model = build_model("residual-patch-cnn", patch_size=16, dropout=0.0)
+    x = torch.randn(3, 4, 3, 16, 16)  # 3 slides x 4 patches
+    y = torch.tensor([0.0, 1.0, 1.0])
+    _vmap_grad_samples(model, [x, y])
+    per_slide = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
+    assert per_slide["cnn.stem.0.weight"].shape[0] == 3  # one gradient per slide
+    for i in range(3):
+        model.zero_grad()
+        model.sample_losses(x[i : i + 1], y[i : i + 1]).sum().backward()
+        for n, p in model.named_parameters():
+            assert torch.allclose(per_slide[n][i], p.grad, atol=1e-5), n

@@ -53,6 +53,24 @@ class BagSet:
         )
 
 
+    def to_patch_dataset(self, k: int, seed: int) -> TensorDataset:
+        """``(patches[n, k, 3, P, P], labels[n])`` from bags of image patches ``[N, P, P, 3]``.
+
+        ``k`` patches of each slide, drawn without replacement (with replacement when the
+        slide has fewer), scaled as the torch encoders scale them (fixed constants).
+        """
+        from common.features import IMAGENET_MEAN, IMAGENET_STD
+
+        rng = np.random.default_rng(seed)
+        picked = np.stack([
+            bag[rng.choice(len(bag), size=k, replace=len(bag) < k)] for bag in self.bags
+        ]) if self.bags else np.zeros((0, k, 1, 1, 3), np.uint8)
+        x = torch.from_numpy(picked).float().div_(255.0).permute(0, 1, 4, 2, 3)
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1)
+        return TensorDataset((x - mean) / std, torch.from_numpy(self.labels.astype(np.float32)))
+
+
 @dataclass(frozen=True)
 class SiteData:
     """One hospital's training and validation bags."""
@@ -149,6 +167,7 @@ def load_site(
     ``data`` is empty (the embedded synthetic default), a site file (``.npz``), or a folder
     of labelled images (``labels.csv``) that is split into hospitals by ``tma_group``, or a
     folder of slide features written by ``pathfed prepare`` (``manifest.csv``).
+    An empty ``encoder`` keeps image patches themselves (for patch models).
     Results are cached per process, so a simulated site embeds its images once.
     """
     if data and data.endswith(".npz"):
@@ -165,5 +184,5 @@ def load_site(
 
     return image_folder_site(
         Path(data), index, n_sites, seed=seed, val_fraction=val_fraction,
-        patch_size=patch_size, encoder=encoder,
+        patch_size=patch_size, encoder=encoder or None,
     )

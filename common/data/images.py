@@ -115,10 +115,11 @@ def tissue_patches(image: np.ndarray, patch_size: int) -> np.ndarray:
 
 
 def embed_images(
-    items: list[LabelledImage], patch_size: int, encoder: str
+    items: list[LabelledImage], patch_size: int, encoder: str | None
 ) -> tuple[list[np.ndarray], list[LabelledImage]]:
-    """Bags of patch features; unreadable or empty images are skipped with a warning."""
-    encode = get_encoder(encoder)
+    """Bags of patch features (or of the patches themselves when ``encoder`` is None);
+    unreadable or empty images are skipped with a warning."""
+    encode = get_encoder(encoder) if encoder else (lambda patches: patches)
     bags, kept = [], []
     for item in items:
         try:
@@ -136,9 +137,13 @@ def embed_images(
 
 def image_folder_site(
     folder: Path, index: int, n_sites: int, seed: int = 0, val_fraction: float = 0.3,
-    patch_size: int = 32, encoder: str = "color-texture",
+    patch_size: int = 32, encoder: str | None = "color-texture",
 ) -> SiteData:
-    """Site ``index`` of a folder split into ``n_sites`` hospitals by ``tma_group``."""
+    """Site ``index`` of a folder split into ``n_sites`` hospitals by ``tma_group``.
+
+    With ``encoder=None`` the bags hold the tissue patches themselves (``uint8[N, P, P, 3]``),
+    for training a patch model.
+    """
     items = assign_sites(read_labels(folder), n_sites)[index]
     bags, kept = embed_images(items, patch_size, encoder)
     if not bags:

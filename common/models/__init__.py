@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 MODELS: dict[str, str] = {
     "gated-attention-mil": "common.models.mil:gated_attention_mil",
     "attention-mil": "common.models.mil:attention_mil",
+    "residual-patch-cnn": "common.models.patch_cnn:residual_patch_cnn",
 }
 
 

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class MILOutput(NamedTuple):
@@ -23,6 +24,9 @@ class MILOutput(NamedTuple):
 
 
 class AttentionMIL(nn.Module):
+    input_kind = "bags"
+    """Trains on padded feature bags: batches ``(features[B, N, D], mask[B, N], labels[B])``."""
+
     """(Gated) attention-MIL pooling with a binary classifier.
 
     Args:
@@ -67,6 +71,16 @@ class AttentionMIL(nn.Module):
         pooled = torch.einsum("bn,bnm->bm", attention, h)
         logits = self.classifier(pooled).squeeze(-1)
         return MILOutput(logits=logits, attention=attention)
+
+    def sample_losses(self, features: torch.Tensor, mask: torch.Tensor,
+                      labels: torch.Tensor) -> torch.Tensor:
+        """Per-bag training losses ``[B]`` of a batch."""
+        logits = self(features, mask).logits
+        return F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+
+    def scores(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-bag positive-class logits ``[B]``."""
+        return self(features, mask).logits
 
 
 def gated_attention_mil(in_dim: int, **kwargs: Any) -> AttentionMIL:
