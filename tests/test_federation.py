@@ -128,3 +128,25 @@ def test_demo_command_beats_chance(tmp_path: Path) -> None:
     assert summary["auc"] > 0.8, summary
     assert all(0 < e <= 8.0 for e in summary["epsilon"].values())
     assert "results:" in r.stdout
+
+
+def test_patch_cnn_trains_in_federation_and_serves_as_encoder(tmp_path: Path, ucsb: Path) -> None:
+    """The seed's CNN: federated DP-SGD on real UCSB patches (one slide = one DP sample),
+    then its global model embeds patches as the `patch-cnn` encoder."""
+    import torch
+
+    from common.features import build_encoder
+
+    cfg = FederationConfig(sites=2, rounds=1, model="residual-patch-cnn", data=str(ucsb),
+                           patches_per_slide=4, batch_size=4, lr=0.05, secagg=True,
+                           out=str(tmp_path / "cnn"))
+    summary = simulate(cfg)
+    assert summary["rounds"] == 1 and all(e > 0 for e in summary["epsilon"].values())
+    records = [r for r in _records(cfg) if r["site"] != "global"]
+    assert all(r["trained"] and r["steps"] > 0 for r in records)
+    arrays = load_checkpoint(Path(cfg.out) / summary["checkpoint"])
+    weights = tmp_path / "patch-cnn.pt"
+    torch.save({k: torch.from_numpy(v.copy()) for k, v in arrays.items()}, weights)
+    encoder = build_encoder("patch-cnn", weights)
+    feats = encoder(np.zeros((3, 32, 32, 3), np.uint8))
+    assert feats.shape == (3, 128) and encoder.weights_hash != "none"
