@@ -63,6 +63,10 @@ class FederationConfig(BaseModel):
         16, ge=1, le=4096,
         description="Patches drawn from each slide per round when training a patch model.",
     )
+    stain_augment: float = Field(
+        0.05, ge=0.0, le=0.5,
+        description="HED stain augmentation strength for patch-model training (0: off).",
+    )
 
     # Model and local training
     model: str = Field("gated-attention-mil", description="Model name in the registry.")

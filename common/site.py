@@ -155,8 +155,9 @@ class Site:
     def _dataset(self, split: str, server_round: int) -> TensorDataset:
         bags = self.data.train if split == "train" else self.data.val
         if self.patches:  # a fresh draw of patches each round; a fixed one to validate
-            return bags.to_patch_dataset(self.cfg.patches_per_slide,
-                                         _seed(self.cfg.seed, self.name, split, server_round))
+            return bags.to_patch_dataset(
+                self.cfg.patches_per_slide, _seed(self.cfg.seed, self.name, split, server_round),
+                stain_augment=self.cfg.stain_augment if split == "train" else 0.0)
         return bags.to_dataset(self.max_instances)
 
     def train(self, weights: NDArrays, server_round: int) -> SiteReport:

@@ -53,11 +53,12 @@ class BagSet:
         )
 
 
-    def to_patch_dataset(self, k: int, seed: int) -> TensorDataset:
+    def to_patch_dataset(self, k: int, seed: int, stain_augment: float = 0.0) -> TensorDataset:
         """``(patches[n, k, 3, P, P], labels[n])`` from bags of image patches ``[N, P, P, 3]``.
 
         ``k`` patches of each slide, drawn without replacement (with replacement when the
-        slide has fewer), scaled as the torch encoders scale them (fixed constants).
+        slide has fewer), optionally with HED stain augmentation of strength
+        ``stain_augment`` (one draw per patch), scaled as the torch encoders scale them.
         """
         from common.features import IMAGENET_MEAN, IMAGENET_STD
 
@@ -65,6 +66,10 @@ class BagSet:
         picked = np.stack([
             bag[rng.choice(len(bag), size=k, replace=len(bag) < k)] for bag in self.bags
         ]) if self.bags else np.zeros((0, k, 1, 1, 3), np.uint8)
+        if stain_augment > 0 and len(picked):
+            from common.wsi.stain import hed_augment
+
+            picked = hed_augment(picked, rng, scale=stain_augment, shift=stain_augment)
         x = torch.from_numpy(picked).float().div_(255.0).permute(0, 1, 4, 2, 3)
         mean = torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1)
