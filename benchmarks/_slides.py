@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 CMU = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
@@ -29,13 +27,3 @@ def slide_folder(slide: str | None, workdir: Path, synthetic: str | None = None)
 
         synthetic_slide(folder / "synthetic.tif", 4096, 3072, seed=0)
     return folder
-
-
-def best(fn: Callable[[], object], repeats: int) -> float:
-    """Best wall time of ``repeats`` calls of ``fn``."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)

@@ -15,7 +15,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks._slides import best, slide_folder
+from benchmarks import best
+from benchmarks._slides import slide_folder
 
 
 def main(argv: list[str] | None = None) -> int:

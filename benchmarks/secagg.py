@@ -11,20 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
-from collections.abc import Callable
 
 from rich.console import Console
 from rich.table import Table
 
-
-def _best(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from benchmarks import best
 
 
 def mask_throughput(sizes: list[int], repeats: int) -> Table:
@@ -37,8 +28,8 @@ def mask_throughput(sizes: list[int], repeats: int) -> Table:
         table.add_column(col, justify="right")
     seed = os.urandom(44)
     for n in sizes:
-        stock = _best(lambda: pseudo_rand_gen(seed, 2**32, [(n,)]), repeats)
-        ours = _best(lambda: expand_masks(seed, 2**32, [(n,)]), repeats)
+        stock = best(lambda: pseudo_rand_gen(seed, 2**32, [(n,)]), repeats)
+        ours = best(lambda: expand_masks(seed, 2**32, [(n,)]), repeats)
         table.add_row(f"{n:,}", f"{n / stock:,.0f}", f"{n / ours:,.0f}", f"{ours / stock:.2f}x")
     return table
 
