@@ -1,4 +1,4 @@
-"""Shared helpers of the slide benchmarks: the benchmark slide and a timing helper."""
+"""Shared helper of the slide benchmarks: the benchmark slide."""
 
 from __future__ import annotations
 
