@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _simulate_parser(sub)
+    __import__("simulations.audit", fromlist=["add_parser"]).add_parser(sub)
     return parser
 
 
