@@ -163,3 +163,56 @@ def test_cli_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str
     (tmp_path / LEDGER_FILE).write_text("")
     assert main(["audit", str(tmp_path), "--keys", str(tmp_path / "nokeys")]) == 2
     assert "keys folder not found" in capsys.readouterr().err
+
+
+# ---- empirical audit: membership inference -------------------------------------------
+def test_clopper_pearson_matches_scipy() -> None:
+    from scipy.stats import beta
+
+    from common.attacks import clopper_pearson
+
+    for k, n in ((0, 10), (3, 10), (10, 10), (37, 200), (1, 500)):
+        lo, hi = clopper_pearson(k, n, 0.025)
+        assert lo == pytest.approx(beta.ppf(0.025, k, n - k + 1) if k else 0.0, abs=1e-9)
+        assert hi == pytest.approx(beta.ppf(0.975, k + 1, n - k) if k < n else 1.0, abs=1e-9)
+
+
+def test_epsilon_lower_bound_sanity() -> None:
+    from common.attacks import epsilon_lower_bound
+
+    assert epsilon_lower_bound(50, 50, 50, 50, 1e-5) == 0.0  # a coin flip proves nothing
+    perfect = epsilon_lower_bound(500, 0, 0, 500, 1e-5)
+    assert 4.0 < perfect < 6.0  # ln(~0.99 / ~0.009): limited by the number of trials
+    assert epsilon_lower_bound(500, 0, 0, 500, 1e-5, confidence=0.5) > perfect
+
+
+@pytest.mark.slow
+def test_attack_beats_chance_without_dp() -> None:
+    """A tiny, overfit federation without DP leaks membership of its canaries."""
+    from common.attacks import AttackSettings, membership_audit
+
+    cfg = FederationConfig(sites=2, rounds=2, synthetic_bags=40, seed=3, batch_size=16,
+                           local_epochs=5, dp=False, delta=1e-3, secagg=False)
+    audit = membership_audit(cfg, AttackSettings(models=12, canaries=32))
+    loss, lira = audit.results
+    assert loss.auc > 0.75 and lira.auc > 0.75, audit.summary()
+    assert loss.epsilon_lower_bound > 0.5  # the audit can certify leakage when there is some
+    assert audit.ok and audit.claimed_epsilon is None  # no claim to contradict
+
+
+@pytest.mark.slow
+def test_attack_under_dp_stays_below_the_claim(good_run: Path, tmp_path: Path) -> None:
+    """`pathfed audit --attack` on a DP run: the empirical bound never exceeds the claim."""
+    from simulations.cli import main
+
+    out = tmp_path / "audit.json"
+    code = main(["audit", str(good_run), "--attack", "--attack-models", "8",
+                 "--attack-canaries", "32", "--report", str(tmp_path / "a.html"),
+                 "--json", str(out)])
+    data = json.loads(out.read_text())
+    attack = data["attack"]
+    assert code == 0, data
+    assert attack["dp"] and 0 < attack["claimed_epsilon"] <= TINY["epsilon"]
+    for result in attack["results"]:
+        assert result["epsilon_lower_bound"] <= attack["claimed_epsilon"]
+    assert "membership-inference" in (tmp_path / "a.html").read_text()
