@@ -49,7 +49,7 @@ from common.crypto.signing import (
     sha256_hex,
     verify_signature,
 )
-from common.errors import PathFedError
+from common.errors import ConfigError, PathFedError
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,13 @@ def check_signed(signed: Mapping[str, Any], public_pem: str) -> str | None:
     if not isinstance(signed, Mapping) or not {"record", "signer", "key", "signature"} <= set(
             signed):
         return "not a signed record (needs record, signer, key, signature)"
-    if signed["key"] != fingerprint(public_pem):
+    try:
+        expected = fingerprint(public_pem)
+    except ConfigError as err:
+        return f"the key of {signed['signer']} is unusable ({err})"
+    if signed["key"] != expected:
         return (f"signed with key {str(signed['key'])[:16]}..., not {signed['signer']}'s "
-                f"key {fingerprint(public_pem)[:16]}...")
+                f"key {expected[:16]}...")
     try:
         payload = _record_payload(signed["record"], str(signed["signer"]), str(signed["key"]))
     except ValueError as err:
@@ -274,6 +278,53 @@ def run_start_record(
     }
 
 
+# ---- record shapes ------------------------------------------------------------------
+_NUM = (int, float)
+_OPT_NUM = (int, float, type(None))
+_OPT_STR = (str, type(None))
+SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
+    "run-start": {"config": (dict,), "config_hash": (str,), "initial_model": (str,),
+                  "server": (str,), "keys": (dict,)},
+    "site-round": {"round": (int,), "site": (str,), "received_model": (str,),
+                   "update": (str,), "dp": (bool,), "accountant": _OPT_STR,
+                   "sample_rate": _OPT_NUM, "noise_multiplier": _OPT_NUM,
+                   "max_grad_norm": _OPT_NUM, "steps": (int,), "epsilon": _OPT_NUM,
+                   "delta": _OPT_NUM, "epsilon_budget": _OPT_NUM, "n_samples": (int,),
+                   "privacy_unit": (str,), "bytes_sent": (int,), "sent": (dict,),
+                   "mask_generator": _OPT_STR, "site_prev": _OPT_STR},
+    "server-round": {"round": (int,), "participants": (list,), "dropouts": (dict,),
+                     "aggregate": _OPT_STR, "global_model": (str,),
+                     "secure_aggregation": (bool,), "mask_generator": _OPT_STR},
+}
+"""Fields and JSON types of each record kind (what :func:`record_problem` checks)."""
+
+
+def record_problem(record: Any) -> str | None:
+    """Why ``record`` is not a well-formed ledger record, or None."""
+    if not isinstance(record, dict):
+        return "record is not an object"
+    kind = record.get("kind")
+    schema = SCHEMAS.get(kind) if isinstance(kind, str) else None
+    if schema is None:
+        return f"unknown record kind {record.get('kind')!r}"
+    for key, types in schema.items():
+        value = record.get(key)
+        if key not in record or not isinstance(value, types) or (
+                isinstance(value, bool) and bool not in types):
+            return f"field {key!r} is {value!r}, expected {'/'.join(t.__name__ for t in types)}"
+    if record["kind"] == "site-round":
+        sent = record["sent"]
+        if not isinstance(sent.get("update"), str) or not isinstance(sent.get("metrics"), dict):
+            return "field 'sent' needs 'update' (str) and 'metrics' (object)"
+    if record["kind"] == "server-round" and not all(
+            isinstance(n, str) for n in record["participants"]):
+        return "field 'participants' must list site names"
+    if record["kind"] == "run-start" and not all(
+            isinstance(v, str) for v in record["keys"].values()):
+        return "field 'keys' must map names to PEM strings"
+    return None
+
+
 # ---- the chain ----------------------------------------------------------------------
 def _link_hash(seq: int, prev: str, entry: Mapping[str, Any]) -> str:
     return sha256_hex(canonical_json({"seq": seq, "prev": prev, "entry": entry}))
@@ -344,6 +395,9 @@ class Ledger:
         if problem:
             raise LedgerError(f"record of {signer} rejected: {problem}")
         record = signed["record"]
+        shape = record_problem(record)
+        if shape:
+            raise LedgerError(f"record of {signer} rejected: malformed ({shape})")
         if record.get("kind") != "site-round" or record.get("site") != signer:
             raise LedgerError(f"record of {signer} rejected: not a site-round record of "
                               f"{signer} (kind {record.get('kind')!r}, site "
@@ -402,11 +456,14 @@ class LedgerReport:
         return not self.problems
 
     def records(self, kind: str | None = None) -> list[dict[str, Any]]:
-        """Signed records (``entry`` of each link) of ``kind``, in ledger order."""
+        """Well-formed signed records (``entry`` of each link) of ``kind``, in ledger order.
+
+        Malformed records are left out (and are problems of the report).
+        """
         out = []
         for link in self.links:
             entry = link.get("entry")
-            if isinstance(entry, dict) and isinstance(entry.get("record"), dict) and (
+            if isinstance(entry, dict) and record_problem(entry.get("record")) is None and (
                     kind is None or entry["record"].get("kind") == kind):
                 out.append(entry)
         return out
@@ -444,10 +501,18 @@ def _read_lines(path: Path, report: LedgerReport) -> list[tuple[int, dict[str, A
     return parsed
 
 
+def _fingerprint_or_none(pem: Any) -> str | None:
+    try:
+        return fingerprint(str(pem))
+    except ConfigError:
+        return None
+
+
 def _keys(parsed: list[tuple[int, dict[str, Any]]], trusted: Mapping[str, str] | None,
           report: LedgerReport) -> tuple[dict[str, str], str]:
-    start = next((link for _, link in parsed
-                  if link["entry"].get("record", {}).get("kind") == "run-start"), None)
+    start = next((link for _, link in parsed if isinstance(link["entry"].get("record"), dict)
+                  and link["entry"]["record"].get("kind") == "run-start"
+                  and record_problem(link["entry"]["record"]) is None), None)
     presented: dict[str, str] = dict(start["entry"]["record"].get("keys", {})) if start else {}
     server = str(start["entry"]["record"].get("server", SERVER)) if start else SERVER
     if start is None:
@@ -460,11 +525,11 @@ def _keys(parsed: list[tuple[int, dict[str, Any]]], trusted: Mapping[str, str] |
     report.keys_pinned = True
     line = next((i for i, link in parsed if link is start), 1)
     for name, pem in presented.items():
-        if name in trusted and fingerprint(trusted[name]) != fingerprint(pem):
+        if name in trusted and _fingerprint_or_none(trusted[name]) != _fingerprint_or_none(pem):
             report.problems.append(LedgerProblem(
                 "key-mismatch", line, 0, f"run-start presents a key for {name} "
-                f"({fingerprint(pem)[:16]}...) that is not its trusted key "
-                f"({fingerprint(trusted[name])[:16]}...)"))
+                f"({str(_fingerprint_or_none(pem))[:16]}...) that is not its trusted key "
+                f"({str(_fingerprint_or_none(trusted[name]))[:16]}...)"))
         elif name not in trusted:
             report.notes.append(f"{name}: key presented at run start is not among the trusted "
                                 "keys; its records count as unknown signer")
@@ -532,6 +597,10 @@ def verify_ledger(path: str | Path,
             if problem:
                 report.problems.append(LedgerProblem("changed", i, seq, problem))
         record = entry.get("record") if isinstance(entry.get("record"), dict) else {}
+        shape = record_problem(entry.get("record"))
+        if shape:
+            report.problems.append(LedgerProblem("malformed", i, seq, shape))
+            record = {}
         if record.get("kind") == "site-round" and record.get("site") != signer:
             report.problems.append(LedgerProblem(
                 "changed", i, seq, f"site-round record of {record.get('site')!r} signed by "
@@ -590,7 +659,7 @@ def verify_ledger(path: str | Path,
 
 __all__ = [
     "GENESIS", "LEDGER_FILE", "LEDGER_METRIC", "SERVER", "Ledger", "LedgerError",
-    "LedgerProblem", "LedgerReport", "check_signed", "config_hash", "decode_signed",
-    "encode_signed", "envelope_hash", "hash_arrays", "run_start_record", "server_round_record",
-    "sign_record", "site_round_record", "verify_ledger",
+    "LedgerProblem", "LedgerReport", "SCHEMAS", "check_signed", "config_hash", "decode_signed",
+    "encode_signed", "envelope_hash", "hash_arrays", "record_problem", "run_start_record",
+    "server_round_record", "sign_record", "site_round_record", "verify_ledger",
 ]

@@ -163,21 +163,32 @@ def test_unknown_signer_and_key_mismatch(good_run: Path, keys: dict[str, Signing
     assert "key-mismatch" in kinds and "changed" in kinds
 
 
+def _site_record(site: str, **changes: object) -> dict[str, object]:
+    return {"kind": "site-round", "round": 1, "site": site, "received_model": "0" * 64,
+            "update": "1" * 64, "dp": True, "accountant": "rdp", "sample_rate": 0.5,
+            "noise_multiplier": 1.0, "max_grad_norm": 1.0, "steps": 2, "epsilon": 1.0,
+            "delta": 1e-5, "epsilon_budget": 2.0, "n_samples": 10, "privacy_unit": "slide",
+            "bytes_sent": 12, "sent": {"update": "secagg+-masked", "metrics": {}},
+            "mask_generator": None, "site_prev": None} | changes
+
+
 def test_server_rejects_records_it_cannot_verify(tmp_path: Path) -> None:
     server, site, other = SigningKey.generate(), SigningKey.generate(), SigningKey.generate()
     ledger = Ledger(tmp_path / LEDGER_FILE, server)
     with pytest.raises(LedgerError, match="start"):
-        ledger.append(sign_record({"kind": "site-round", "site": "a"}, site, "a"))
+        ledger.append(sign_record(_site_record("a"), site, "a"))
     ledger.start({"rounds": 1}, {"a": site.public_pem()}, [np.zeros(3, np.float32)])
     with pytest.raises(LedgerError, match="unknown site 'b'"):
-        ledger.append(sign_record({"kind": "site-round", "site": "b"}, other, "b"))
+        ledger.append(sign_record(_site_record("b"), other, "b"))
     with pytest.raises(LedgerError, match="not a's key"):
-        ledger.append(sign_record({"kind": "site-round", "site": "a"}, other, "a"))
-    signed = sign_record({"kind": "site-round", "site": "a", "epsilon": 1.0}, site, "a")
+        ledger.append(sign_record(_site_record("a"), other, "a"))
+    with pytest.raises(LedgerError, match="malformed.*'steps'"):
+        ledger.append(sign_record(_site_record("a", steps="many"), site, "a"))
+    signed = sign_record(_site_record("a"), site, "a")
     signed["record"]["epsilon"] = 0.1
     with pytest.raises(LedgerError, match="does not verify"):
         ledger.append(signed)
-    ledger.append(sign_record({"kind": "site-round", "site": "a", "epsilon": 1.0}, site, "a"))
+    ledger.append(sign_record(_site_record("a"), site, "a"))
     # resuming appends after the last line; a broken ledger is never appended to
     resumed = Ledger(tmp_path / LEDGER_FILE, server)
     assert resumed.seq == 2
