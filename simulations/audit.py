@@ -149,6 +149,7 @@ def _plots(report: Any) -> list[tuple[str, str]]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out: list[tuple[str, str]] = []
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
@@ -164,6 +165,8 @@ def _plots(report: Any) -> list[tuple[str, str]]:
             ax.axhline(s.budget, color=line.get_color(), linestyle="--", linewidth=0.8)
     ax.set(xlabel="round", ylabel="cumulative epsilon",
            title="Epsilon per site (dashed: budget)")
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if ax.lines:
         ax.legend(fontsize=7)
     out.append(("Epsilon per site and round", _png(fig)))
@@ -179,6 +182,7 @@ def _plots(report: Any) -> list[tuple[str, str]]:
             ax.plot(rounds, [r.get("train_loss") if r.get("train_loss") is not None else math.nan
                              for r in glob], marker="o", label="train loss")
             ax.set(xlabel="round", ylabel="train loss")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax2 = ax.twinx()
             ax2.plot(rounds, [r.get("val_auc") if r.get("val_auc") is not None else math.nan
                               for r in glob], marker="s", color="tab:green", label="val AUC")
@@ -198,6 +202,9 @@ def _plots(report: Any) -> list[tuple[str, str]]:
         ax.imshow(grid, aspect="auto", cmap="Greens", vmin=0, vmax=1,
                   extent=(min(rounds) - 0.5, max(rounds) + 0.5, len(names) - 0.5, -0.5))
         ax.set_yticks(range(len(names)), names)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for x in rounds[:-1]:
+            ax.axvline(x + 0.5, color="white", linewidth=1)
         ax.set(xlabel="round", title="Participation (dark: aggregated, light: dropped out)")
         out.append(("Participation per round", _png(fig)))
     return out
