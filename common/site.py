@@ -120,13 +120,16 @@ class Site:
             share, shares, source, cfg.seed, cfg.val_fraction,
             cfg.synthetic_bags, cfg.patch_size, "" if self.patches else cfg.encoder,
         )
-        self.max_instances = self.data.max_instances
+        # One DP sample is one patient when the data names patients, else one slide.
+        self.train_set = self.data.train.by_patient()
+        self.max_instances = max([self.data.max_instances]
+                                 + [b.shape[0] for b in self.train_set.bags])
         self.accountant = SiteAccountant.from_json((state or {}).get("accountant"),
                                                    cfg.accountant)
         self.plan: DPPlan | None = None
         if cfg.dp:
             self.plan = plan_site(
-                len(self.data.train), batch_size=cfg.batch_size,
+                len(self.train_set), batch_size=cfg.batch_size,
                 local_epochs=cfg.local_epochs, rounds=cfg.rounds,
                 epsilon=cfg.site_budget(self.name), delta=cfg.delta,
                 max_grad_norm=cfg.max_grad_norm, max_noise_multiplier=cfg.max_noise_multiplier,
@@ -136,6 +139,11 @@ class Site:
     def state(self) -> dict[str, Any]:
         """Site state to keep between rounds (the accountant's full history)."""
         return {"accountant": self.accountant.to_json()}
+
+    @property
+    def privacy_unit(self) -> str:
+        """``patient`` or ``slide``: what the site's epsilon protects."""
+        return self.train_set.privacy_unit
 
     @property
     def epsilon(self) -> float:
@@ -153,7 +161,7 @@ class Site:
         return model
 
     def _dataset(self, split: str, server_round: int) -> TensorDataset:
-        bags = self.data.train if split == "train" else self.data.val
+        bags = self.train_set if split == "train" else self.data.val
         if self.patches:  # a fresh draw of patches each round; a fixed one to validate
             return bags.to_patch_dataset(
                 self.cfg.patches_per_slide, _seed(self.cfg.seed, self.name, split, server_round),
@@ -164,9 +172,9 @@ class Site:
         """One local round from the global ``weights``; raise if the budget is spent."""
         if self.plan is not None:
             self.accountant.check_next_round(self.plan, self.name)
-        if self.cfg.secagg and len(self.data.train) > self.cfg.secagg_max_weight:
+        if self.cfg.secagg and len(self.train_set) > self.cfg.secagg_max_weight:
             raise ConfigError(
-                f"secagg-max-weight: {self.name} has {len(self.data.train)} training slides, "
+                f"secagg-max-weight: {self.name} has {len(self.train_set)} training samples, "
                 f"more than {self.cfg.secagg_max_weight}; raise secagg-max-weight"
             )
         torch.manual_seed(_seed(self.cfg.seed, self.name, server_round, "init"))

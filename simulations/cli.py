@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, DataError, PathFedError, UnknownModelError
-from simulations import deploy_cli, prepare
+from simulations import audit, deploy_cli, prepare
 
 log = logging.getLogger("pathfed")
 
@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     _simulate_parser(sub)
     prepare.add_parser(sub)
     deploy_cli.add_parsers(sub)
+    audit.add_parser(sub)
     return parser
 
 

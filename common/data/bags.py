@@ -8,6 +8,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,9 +28,38 @@ class BagSet:
     labels: np.ndarray
     """``int64[n]`` bag labels in {0, 1}."""
     names: tuple[str, ...]
+    patients: tuple[str, ...] | None = None
+    """Patient of each bag, when the data has a patient column; None otherwise."""
 
     def __len__(self) -> int:
         return len(self.bags)
+
+    @property
+    def privacy_unit(self) -> Literal["slide", "patient"]:
+        """What one DP sample protects: a patient when patients are known, else a slide."""
+        return "patient" if self.patients is not None else "slide"
+
+    def by_patient(self) -> BagSet:
+        """One bag per patient: the instances of all the patient's slides, concatenated.
+
+        DP-SGD over these bags clips and noises each *patient's* gradient, so epsilon
+        bounds what the model reveals about a patient, however many slides they have.
+        The label is positive when any of the patient's slides is. Without patients,
+        return the bags unchanged (one sample = one slide).
+        """
+        if self.patients is None:
+            return self
+        if len(self.patients) != len(self.bags):
+            raise DataError(f"{len(self.patients)} patient ids for {len(self.bags)} bags")
+        groups: dict[str, list[int]] = {}
+        for i, patient in enumerate(self.patients):
+            groups.setdefault(patient, []).append(i)
+        ids = tuple(groups)
+        return BagSet(
+            bags=tuple(np.concatenate([self.bags[i] for i in groups[p]]) for p in ids),
+            labels=np.array([self.labels[groups[p]].max() for p in ids], dtype=np.int64),
+            names=ids, patients=ids,
+        )
 
     @property
     def dim(self) -> int:
@@ -133,6 +163,8 @@ def save_site_file(site: SiteData, path: str | Path) -> Path:
         arrays[f"{split}_lengths"] = lengths
         arrays[f"{split}_labels"] = bagset.labels
         arrays[f"{split}_names"] = np.array(bagset.names, dtype=str)
+        if bagset.patients is not None:
+            arrays[f"{split}_patients"] = np.array(bagset.patients, dtype=str)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
     os.close(fd)
     with open(tmp, "wb") as fh:
@@ -151,8 +183,10 @@ def load_site_file(path: str | Path) -> SiteData:
                 lengths = z[f"{split}_lengths"]
                 feats = z[f"{split}_features"].astype(np.float32)
                 bags = tuple(np.split(feats, np.cumsum(lengths)[:-1])) if len(lengths) else ()
+                patients = (tuple(str(p) for p in z[f"{split}_patients"])
+                            if f"{split}_patients" in z.files else None)
                 parts[split] = BagSet(bags, z[f"{split}_labels"].astype(np.int64),
-                                      tuple(str(n) for n in z[f"{split}_names"]))
+                                      tuple(str(n) for n in z[f"{split}_names"]), patients)
             return SiteData(name=str(z["name"]), train=parts["train"], val=parts["val"])
     except FileNotFoundError:
         raise DataError(f"{path}: site data file not found") from None

@@ -1,0 +1,302 @@
+"""Independent audit of a run folder: the ledger, every site's epsilon, every budget.
+
+:func:`audit_run` trusts nothing a site or the server *says* about privacy: it verifies
+the ledger's signatures and chain (:func:`common.ledger.verify_ledger`), then recomputes
+each site's cumulative epsilon from the schedule the site signed, round by round
+(noise multiplier, sampling rate, steps), with a fresh Opacus RDP accountant (orders
+:data:`common.privacy.RDP_ALPHAS`) and a fresh PRV accountant, and compares:
+
+* the claimed epsilon with the recomputation by the site's own accountant (relative
+  tolerance ``1e-6`` for RDP, ``prv_tolerance`` absolute for PRV, whose numerical
+  composition has an error bound of its own);
+* every claimed and recomputed epsilon with the site's budget (above it: failure);
+* PRV with RDP: PRV is the tighter accountant, so PRV above RDP + ``prv_tolerance`` is
+  reported as a note (a numerical artefact or a misconfigured PRV), not a failure;
+* what left the site: only a SecAgg+-masked update and scalar metrics. An unmasked update
+  is a failure when the run's configuration promised SecAgg+, and a warning otherwise (DP
+  still bounds the update, but the server saw it alone);
+* that each site trained from the global model the server recorded, that every
+  participant the server aggregated signed a record, and that ``config.json`` is the
+  configuration the ledger started with.
+
+The report is ``ok`` only when every check passes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.errors import DataError
+from common.ledger import LEDGER_FILE, LedgerReport, config_hash, verify_ledger
+from common.privacy import RDP_ALPHAS, independent_epsilon, rdp_epsilon
+
+log = logging.getLogger(__name__)
+
+RDP_REL_TOLERANCE = 1e-6
+PRV_TOLERANCE = 0.02
+"""Absolute epsilon tolerance of PRV comparisons (Opacus' PRV ``eps_error`` is 0.01)."""
+SCALAR_TYPES = {"int", "float", "bool", "str"}
+
+
+@dataclass
+class SiteAudit:
+    """The audit of one site."""
+
+    site: str
+    rounds_trained: list[int] = field(default_factory=list)
+    dp: bool = True
+    accountant: str | None = None
+    privacy_unit: str | None = None
+    claimed: float | None = None
+    rdp: float | None = None
+    prv: float | None = None
+    budget: float | None = None
+    delta: float | None = None
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    """Per trained round: ``round``, ``claimed`` and ``rdp`` cumulative epsilon."""
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        if self.problems:
+            return "FAIL"
+        if not self.dp:
+            return "no DP"
+        return "ok"
+
+
+@dataclass
+class AuditReport:
+    """What :func:`audit_run` found; ``ok`` only when everything verifies."""
+
+    run_dir: Path
+    ledger: LedgerReport
+    sites: list[SiteAudit] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    """The server-round records, in round order."""
+    config: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    """Run-level problems (ledger, configuration, server records)."""
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def all_problems(self) -> list[str]:
+        return self.problems + [f"{s.site}: {p}" for s in self.sites for p in s.problems]
+
+    @property
+    def ok(self) -> bool:
+        return not self.all_problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir), "ok": self.ok, "problems": self.all_problems,
+            "warnings": self.warnings, "notes": self.notes + self.ledger.notes
+            + [f"{s.site}: {n}" for s in self.sites for n in s.notes],
+            "keys_pinned": self.ledger.keys_pinned,
+            "sites": [asdict(s) | {"verdict": s.verdict} for s in self.sites],
+            "rounds": self.rounds,
+        }
+
+
+def _close(a: float, b: float, rel: float) -> bool:
+    return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
+
+
+def _audit_site(name: str, entries: list[dict[str, Any]], report: AuditReport,
+                globals_before: dict[int, str], participants: dict[int, set[str]]) -> SiteAudit:
+    audit = SiteAudit(site=name)
+    records = sorted((e["record"] for e in entries), key=lambda r: r.get("round", 0))
+    rounds = [r.get("round") for r in records]
+    if len(set(rounds)) != len(rounds):
+        audit.problems.append(f"more than one record for round(s) "
+                              f"{sorted({r for r in rounds if rounds.count(r) > 1})}")
+    audit.rounds_trained = [int(r) for r in rounds if isinstance(r, int)]
+    last = records[-1]
+    audit.dp = bool(last.get("dp"))
+    audit.accountant = last.get("accountant")
+    audit.privacy_unit = last.get("privacy_unit")
+    audit.budget, audit.delta = last.get("epsilon_budget"), last.get("delta")
+    secagg_promised = bool(report.config.get("secagg", True))
+    unmasked: list[Any] = []
+    for rec in records:
+        rnd = rec.get("round")
+        sent = rec.get("sent") or {}
+        if sent.get("update") != "secagg+-masked":
+            unmasked.append(rnd)
+            if secagg_promised:
+                audit.problems.append(
+                    f"round {rnd}: update left the site as {sent.get('update')!r}, not "
+                    "SecAgg+-masked, although the run's configuration promised SecAgg+")
+        bad = {k: t for k, t in (sent.get("metrics") or {}).items() if t not in SCALAR_TYPES}
+        if bad:
+            audit.problems.append(f"round {rnd}: non-scalar metrics left the site: {bad}")
+        expected = globals_before.get(rnd) if isinstance(rnd, int) else None
+        if expected is not None and rec.get("received_model") != expected:
+            audit.problems.append(f"round {rnd}: trained from a model that is not the global "
+                                  "model the server recorded before this round")
+        if isinstance(rnd, int) and rnd in participants and name not in participants[rnd]:
+            audit.notes.append(f"round {rnd}: trained (and spent privacy) but the server did "
+                               "not aggregate its update")
+        for key in ("delta", "epsilon_budget", "accountant", "privacy_unit"):
+            if rec.get(key) != last.get(key):
+                audit.problems.append(f"round {rnd}: {key} {rec.get(key)!r} differs from the "
+                                      f"last round's {last.get(key)!r}")
+    if unmasked and not secagg_promised:
+        report.warnings.append(
+            f"{name}: updates of round(s) {', '.join(map(str, unmasked))} left the site "
+            "unmasked (secagg = false: DP bounds each update, but the server saw it alone)")
+    if not audit.dp:
+        audit.problems.append("trained without differential privacy: there is no epsilon to "
+                              "verify (run with dp = true)")
+        return audit
+    history: list[tuple[float, float, int]] = []
+    for rec in records:
+        try:
+            entry = (float(rec["noise_multiplier"]), float(rec["sample_rate"]),
+                     int(rec["steps"]))
+        except (KeyError, TypeError, ValueError):
+            audit.problems.append(f"round {rec.get('round')}: no complete DP schedule "
+                                  "(noise_multiplier, sample_rate, steps)")
+            return audit
+        if not (entry[0] > 0 and 0 < entry[1] <= 1 and entry[2] >= 0):
+            audit.problems.append(f"round {rec.get('round')}: impossible DP schedule {entry}")
+            return audit
+        history.append(entry)
+        claimed = rec.get("epsilon")
+        audit.curve.append({"round": rec.get("round"), "claimed": claimed,
+                            "rdp": rdp_epsilon(history, float(audit.delta or 0))})
+    delta = float(audit.delta or 0.0)
+    n = int(last.get("n_samples") or 0)
+    if not 0 < delta < 1:
+        audit.problems.append(f"delta {audit.delta!r} is not in (0, 1)")
+        return audit
+    if n and delta >= 1.0 / n:
+        audit.problems.append(f"delta {delta:g} is not below 1/n = 1/{n}: the guarantee is void "
+                              f"for a dataset of {n} {audit.privacy_unit}s")
+    # The final values come from fresh Opacus accountants (no PathFed cache in between).
+    from opacus.accountants import RDPAccountant
+
+    rdp_acc = RDPAccountant()
+    rdp_acc.history = list(history)
+    audit.rdp = float(rdp_acc.get_epsilon(delta=delta, alphas=RDP_ALPHAS))
+    try:
+        audit.prv = independent_epsilon(history, delta, "prv")
+    except (ValueError, RuntimeError) as err:  # PRV refuses some extreme schedules
+        audit.notes.append(f"PRV accountant could not compose this schedule ({err})")
+    audit.claimed = last.get("epsilon")
+    mech = audit.accountant or "rdp"
+    recomputed = audit.rdp if mech == "rdp" else audit.prv
+    for point in audit.curve:
+        c = point["claimed"]
+        if c is None:
+            audit.problems.append(f"round {point['round']}: no claimed epsilon")
+        elif mech == "rdp" and not _close(float(c), point["rdp"], RDP_REL_TOLERANCE):
+            audit.problems.append(
+                f"round {point['round']}: claimed epsilon {c:.6g} but its schedule gives "
+                f"{point['rdp']:.6g} (RDP, relative tolerance {RDP_REL_TOLERANCE:g})")
+    if mech == "prv" and audit.claimed is not None and audit.prv is not None and abs(
+            float(audit.claimed) - audit.prv) > PRV_TOLERANCE:
+        audit.problems.append(f"claimed epsilon {audit.claimed:.4g} but its schedule gives "
+                              f"{audit.prv:.4g} (PRV, tolerance {PRV_TOLERANCE:g})")
+    budget = audit.budget
+    if budget is None:
+        audit.problems.append("no epsilon budget recorded")
+    else:
+        for label, value in (("claimed", audit.claimed), (f"recomputed ({mech})", recomputed)):
+            if value is not None and float(value) > float(budget) * (1 + 1e-9):
+                audit.problems.append(f"{label} epsilon {float(value):.4g} exceeds the budget "
+                                      f"{float(budget):g}")
+    if audit.prv is not None and audit.prv > audit.rdp + PRV_TOLERANCE:
+        audit.notes.append(f"PRV {audit.prv:.4g} above RDP {audit.rdp:.4g}: PRV should be "
+                           "tighter; informational")
+    if audit.privacy_unit == "slide":
+        audit.notes.append("privacy unit is the slide: a patient with k slides is protected at "
+                           "about k x epsilon (group privacy)")
+    return audit
+
+
+def audit_run(run_dir: str | Path,
+              trusted_keys: dict[str, str] | None = None) -> AuditReport:
+    """Audit ``run_dir`` (its ``ledger.jsonl`` and ``config.json``); see the module doc.
+
+    Args:
+        run_dir: a run folder with ``ledger.jsonl``.
+        trusted_keys: signer name -> public PEM of the consortium (``server`` and every
+            site); None trusts the keys in the ledger's run-start record (and says so).
+
+    Raise :class:`DataError` when the folder or its ledger is missing.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir}: run folder not found")
+    ledger_path = run_dir / LEDGER_FILE
+    if not ledger_path.is_file():
+        raise DataError(f"{ledger_path}: no privacy ledger in this run folder (runs made "
+                        "before the ledger existed cannot be audited)")
+    ledger = verify_ledger(ledger_path, trusted_keys)
+    report = AuditReport(run_dir=run_dir, ledger=ledger)
+    report.problems.extend(str(p) for p in ledger.problems)
+    starts = ledger.records("run-start")
+    if starts:
+        start = starts[0]["record"]
+        report.config = dict(start.get("config") or {})
+        if config_hash(report.config) != start.get("config_hash"):
+            report.problems.append("run-start: its config does not match its config_hash")
+        config_file = run_dir / "config.json"
+        if config_file.is_file():
+            on_disk = json.loads(config_file.read_text())
+            if config_hash(on_disk) != start.get("config_hash"):
+                report.problems.append(f"{config_file}: differs from the configuration the "
+                                       "ledger started with (edited after the run?)")
+        else:
+            report.notes.append(f"{config_file} not found; using the ledger's configuration")
+    server_rounds = sorted((e["record"] for e in ledger.records("server-round")),
+                           key=lambda r: r.get("round", 0))
+    report.rounds = server_rounds
+    # The global model each round started from: the initial model, then each round's result.
+    globals_before: dict[int, str] = {}
+    current = starts[0]["record"].get("initial_model") if starts else None
+    last_round = 0
+    for rec in server_rounds:
+        rnd = int(rec.get("round", 0))
+        for r in range(last_round + 1, rnd + 1):
+            if current is not None:
+                globals_before[r] = current
+        current, last_round = rec.get("global_model"), rnd
+        if rec.get("secure_aggregation") != bool(report.config.get("secagg", True)):
+            report.problems.append(f"round {rnd}: secure aggregation "
+                                   f"{'on' if rec.get('secure_aggregation') else 'off'}, but "
+                                   f"the configuration says secagg = {report.config.get('secagg')}")
+    participants = {int(r.get("round", 0)): set(r.get("participants") or [])
+                    for r in server_rounds}
+    by_site: dict[str, list[dict[str, Any]]] = {}
+    for entry in ledger.records("site-round"):
+        by_site.setdefault(str(entry["record"].get("site")), []).append(entry)
+    signed_rounds = {(s, e["record"].get("round")) for s, es in by_site.items() for e in es}
+    for rnd, names in participants.items():
+        for name in sorted(names):
+            if (name, rnd) not in signed_rounds:
+                report.problems.append(f"round {rnd}: the server aggregated {name} but the "
+                                       "ledger holds no signed record of it (unaccounted update)")
+    for name in sorted(by_site):
+        report.sites.append(_audit_site(name, by_site[name], report, globals_before,
+                                        participants))
+    presented = set((starts[0]["record"].get("keys") or {}) if starts else {}) - {
+        starts[0]["record"].get("server") if starts else None}
+    for name in sorted(presented - set(by_site)):
+        report.sites.append(SiteAudit(site=name, dp=bool(report.config.get("dp", True)),
+                                      notes=["never trained (no site-round record)"]))
+    for site in report.sites:
+        if site.rdp is not None:
+            log.info("%s: claimed %s, RDP %.4f, PRV %s, budget %s -> %s", site.site,
+                     site.claimed, site.rdp, site.prv, site.budget, site.verdict)
+    return report
+
+
+__all__ = ["AuditReport", "SiteAudit", "audit_run"]
