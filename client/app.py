@@ -58,6 +58,18 @@ def _site(context: Context, config: dict[str, Any]) -> Site:
     return Site(cfg, index, name=name, data=data, state=state)
 
 
+def _ledger_key(context: Context, site: Site) -> Path | None:
+    """The site's ledger signing key: its own (deployment) or the simulation's."""
+    own = context.node_config.get("ledger-key")
+    if own:
+        return Path(str(own))
+    if site.cfg.keys:
+        path = Path(site.cfg.keys) / "sites" / f"{site.name}.key"
+        if path.is_file():
+            return path
+    return None
+
+
 def _save(context: Context, site: Site) -> None:
     text = json.dumps(site.state())
     context.state.config_records[STATE_KEY] = ConfigRecord({"state": text})
@@ -77,7 +89,14 @@ class HospitalClient(NumPyClient):
 
         torch.set_num_threads(1)
         site = _site(self.context, config)
-        report = site.train(parameters, int(config.get("server-round", 0)))
+        server_round = int(config.get("server-round", 0))
+        report = site.train(parameters, server_round)
+        key = _ledger_key(self.context, site)
+        if key is not None:
+            from common.ledger import LEDGER_METRIC
+
+            report.metrics[LEDGER_METRIC] = site.signed_record(report, parameters,
+                                                               server_round, key)
         _save(self.context, site)
         return report.update, report.n_samples, report.metrics
 

@@ -36,6 +36,8 @@ def supernode_command(folder: Path, name: str, data: str, state_dir: Path,
     address = json.loads((folder / "site.json").read_text())["superlink"]
     node_config = (f'site-name="{name}" data-path="{data}" '
                    f'state-dir="{state_dir.resolve()}"')
+    if (folder / "ledger.key").is_file():
+        node_config += f' ledger-key="{(folder / "ledger.key").resolve()}"'
     cmd = [console_script("flower-supernode"), "--superlink", address,
            "--node-config", node_config, "--port", str(free_port()), "--max-wait-time", "3600"]
     if insecure:

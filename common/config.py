@@ -43,6 +43,11 @@ class FederationConfig(BaseModel):
     resume: bool = Field(
         False, description="Continue the run in `out` from its last checkpoint."
     )
+    keys: str = Field(
+        "",
+        description="Ledger key folder (server.key, public/NAME.pub.pem); empty: simulations "
+        "make one beside the run folder, other runs keep no ledger.",
+    )
     deterministic: bool = Field(
         True,
         description="Seed DP noise and sampling from `seed` (reproducible simulations); "

@@ -46,6 +46,7 @@ from common.crypto.signing import (
     SigningKey,
     canonical_json,
     fingerprint,
+    load_public_keys,
     sha256_hex,
     verify_signature,
 )
@@ -663,3 +664,39 @@ __all__ = [
     "encode_signed", "envelope_hash", "hash_arrays", "record_problem", "run_start_record",
     "server_round_record", "sign_record", "site_round_record", "verify_ledger",
 ]
+
+
+# ---- key folders ----------------------------------------------------------------------
+SERVER_KEY_FILE = "server.key"
+PUBLIC_DIR = "public"
+SITE_KEYS_DIR = "sites"
+
+
+def make_key_folder(folder: str | Path, sites: Sequence[str],
+                    with_site_keys: bool = True) -> Path:
+    """A ledger key folder: ``server.key``, ``public/NAME.pub.pem`` for the server and every
+    site, and (simulations only) the sites' private keys in ``sites/NAME.key``.
+
+    Existing keys are kept, so a folder can be extended with new sites.
+    """
+    folder = Path(folder)
+    server = folder / SERVER_KEY_FILE
+    if not server.exists():
+        key = SigningKey.generate()
+        key.save(server)
+        key.save_public(folder / PUBLIC_DIR / f"{SERVER}.pub.pem")
+    for name in sites:
+        private = folder / SITE_KEYS_DIR / f"{name}.key"
+        if with_site_keys and not private.exists():
+            key = SigningKey.generate()
+            key.save(private)
+            key.save_public(folder / PUBLIC_DIR / f"{name}.pub.pem")
+    return folder
+
+
+def server_keys(folder: str | Path) -> tuple[SigningKey, dict[str, str]]:
+    """The server's signing key and the sites' public keys of a ledger key folder."""
+    folder = Path(folder)
+    public = load_public_keys(folder / PUBLIC_DIR)
+    public.pop(SERVER, None)
+    return SigningKey.load(folder / SERVER_KEY_FILE), public

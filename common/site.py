@@ -11,6 +11,7 @@ import hashlib
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -126,6 +127,7 @@ class Site:
                                  + [b.shape[0] for b in self.train_set.bags])
         self.accountant = SiteAccountant.from_json((state or {}).get("accountant"),
                                                    cfg.accountant)
+        self.ledger_prev: str | None = (state or {}).get("ledger_prev")
         self.plan: DPPlan | None = None
         if cfg.dp:
             self.plan = plan_site(
@@ -136,9 +138,29 @@ class Site:
                 accountant=cfg.accountant,
             )
 
+    def signed_record(self, report: SiteReport, received: NDArrays, server_round: int,
+                      key_path: str | Path) -> str:
+        """The round's ledger record, signed with the site's key, encoded as a metric.
+
+        The record (hashes of the received model and of the update, the DP schedule, the
+        epsilon claimed, what is sent) is chained to the site's previous record.
+        """
+        from common.crypto import MASK_GENERATOR
+        from common.crypto.signing import SigningKey
+        from common.ledger import encode_signed, envelope_hash, sign_record, site_round_record
+
+        record = site_round_record(
+            report, received, server_round=server_round, site=self.name, plan=self.plan,
+            accountant=self.cfg.accountant, privacy_unit=self.privacy_unit,
+            secagg=self.cfg.secagg, mask_generator=MASK_GENERATOR if self.cfg.secagg else None,
+            previous=self.ledger_prev)
+        signed = sign_record(record, SigningKey.load(key_path), self.name)
+        self.ledger_prev = envelope_hash(signed)
+        return encode_signed(signed)
+
     def state(self) -> dict[str, Any]:
         """Site state to keep between rounds (the accountant's full history)."""
-        return {"accountant": self.accountant.to_json()}
+        return {"accountant": self.accountant.to_json(), "ledger_prev": self.ledger_prev}
 
     @property
     def privacy_unit(self) -> str:

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid
 from common.config import FederationConfig
 from common.crypto.sealed import load_key
 from common.errors import ConfigError
+from common.ledger import LEDGER_FILE, Ledger, server_keys
 from common.runs import RunFolder, default_run_dir, load_checkpoint, read_metrics
 from common.site import initial_model
 from common.training import get_weights
@@ -21,6 +22,19 @@ from server.secagg import make_secagg_workflow
 from server.strategy import PathFedStrategy
 
 log = logging.getLogger(__name__)
+
+
+def open_ledger(cfg: FederationConfig, run: RunFolder, weights: list[Any]) -> Ledger | None:
+    """The run's privacy ledger (``RUN_DIR/ledger.jsonl``), started or resumed."""
+    if not cfg.keys:
+        log.warning("no ledger keys (`keys`): this run keeps no privacy ledger to audit")
+        return None
+    server_key, site_keys = server_keys(cfg.keys)
+    ledger = Ledger(run.path / LEDGER_FILE, server_key)
+    if ledger.seq == 0:
+        ledger.start(cfg.to_run_config(), site_keys, weights)
+    log.info("privacy ledger: %s (%d site keys)", ledger.path, len(site_keys))
+    return ledger
 
 
 def run_federation(grid: Grid, context: Context, cfg: FederationConfig) -> dict[str, Any]:
@@ -41,8 +55,10 @@ def run_federation(grid: Grid, context: Context, cfg: FederationConfig) -> dict[
         history = [r for r in read_metrics(run.path)
                    if r["site"] == "global" and r["round"] <= done]
         log.info("resuming %s after round %d (checkpoint %s)", run.path, done, path.name)
-    run.write_json("config.json", cfg.to_run_config())
-    strategy = PathFedStrategy(cfg, names, weights, run, round_offset=done)
+    if not done:  # a resumed run keeps the configuration its ledger was started with
+        run.write_json("config.json", cfg.to_run_config())
+    ledger = open_ledger(cfg, run, weights)
+    strategy = PathFedStrategy(cfg, names, weights, run, round_offset=done, ledger=ledger)
     strategy.history = history
     if history:
         strategy.epsilon = dict(history[-1]["epsilon"])

@@ -30,6 +30,8 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
 from common.config import FederationConfig
+from common.crypto import MASK_GENERATOR
+from common.ledger import Ledger, LedgerError, decode_signed, server_round_record
 from common.metrics import EvalCounts
 from common.runs import RunFolder
 
@@ -44,7 +46,7 @@ class PathFedStrategy(FedAvg):
     """FedAvg over site updates with validation, budgets, checkpoints and run records."""
 
     def __init__(self, cfg: FederationConfig, names: list[str], weights: list[np.ndarray],
-                 run: RunFolder, round_offset: int = 0) -> None:
+                 run: RunFolder, round_offset: int = 0, ledger: Ledger | None = None) -> None:
         super().__init__(
             fraction_fit=cfg.fraction_fit, fraction_evaluate=1.0,
             min_fit_clients=2, min_evaluate_clients=1, min_available_clients=cfg.sites,
@@ -65,6 +67,10 @@ class PathFedStrategy(FedAvg):
         self.epsilon: dict[str, float] = {}
         self.round_offset = round_offset
         """Rounds done before this process started (a resumed run): Flower counts from 1."""
+        self.ledger = ledger
+        """The privacy ledger: every site's signed record and the server's, hash-chained."""
+        self.asked: dict[int, dict[int, str]] = {}
+        self.skipped: dict[int, dict[str, str]] = {}
 
     # ---- configuration sent to sites ----------------------------------------------
     def _config(self, server_round: int) -> dict[str, Scalar]:
@@ -93,10 +99,12 @@ class PathFedStrategy(FedAvg):
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         rnd = self._round(server_round)
         chosen = []
+        self.skipped[rnd] = {}
         for proxy in self._available(client_manager, server_round, 2):
             site = self.node_site.get(proxy.node_id)
             if site in self.exhausted:
                 log.info("round %d: %s not asked to train: %s", rnd, site, self.exhausted[site])
+                self.skipped[rnd][site] = f"not asked: {self.exhausted[site]}"
                 continue
             chosen.append(proxy)
         count = max(min(2, len(chosen)), round(self.cfg.fraction_fit * len(chosen)))
@@ -104,6 +112,8 @@ class PathFedStrategy(FedAvg):
         if count < len(chosen):
             rng = np.random.default_rng([self.cfg.seed, rnd])
             chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), count, replace=False))]
+        self.asked[rnd] = {p.node_id: self.node_site.get(p.node_id, f"node-{p.node_id}")
+                           for p in chosen}
         return [(p, FitIns(parameters, self._config(rnd))) for p in chosen]
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
@@ -124,6 +134,11 @@ class PathFedStrategy(FedAvg):
             return "no training slides"
         if self.cfg.dp and not {"epsilon", "noise_multiplier", "steps"} <= set(res.metrics):
             return "update carries no privacy accounting"
+        if self.ledger is not None:
+            try:
+                self.ledger.append(decode_signed(res.metrics))
+            except (LedgerError, ValueError) as err:
+                return f"its ledger record does not verify ({err})"
         return None
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
@@ -147,9 +162,11 @@ class PathFedStrategy(FedAvg):
             # With SecAgg+ every reply carries the same aggregate: one bad means all bad.
             log.warning("round %d: aggregate rejected; the global model is unchanged",
                         server_round)
+            self._ledger_round(server_round, [], None)
             return None, {}
         aggregated, _ = super().aggregate_fit(flower_round, accepted, [])
         if aggregated is None:
+            self._ledger_round(server_round, [], None)
             return None, {}
         mean_update = parameters_to_ndarrays(aggregated)
         self.global_weights = [w + u.astype(w.dtype) for w, u in zip(self.global_weights,
@@ -163,9 +180,24 @@ class PathFedStrategy(FedAvg):
                 self.epsilon[site] = float(res.metrics["epsilon"])
             if not res.metrics.get("can_train_next", True):
                 self.exhausted[site] = "its next round would exceed its privacy budget"
+        self._ledger_round(server_round, record["trained"], mean_update)
         path = self.run.save_checkpoint(server_round, self.names, self.global_weights)
         record["checkpoint"] = str(path.relative_to(self.run.path))
         return ndarrays_to_parameters(self.global_weights), {}
+
+    def _ledger_round(self, server_round: int, participants: list[str],
+                      aggregate: list[np.ndarray] | None) -> None:
+        """The server's record of the round: who contributed, who dropped out and why."""
+        if self.ledger is None:
+            return
+        dropouts = dict(self.skipped.get(server_round, {}))
+        for site in self.asked.get(server_round, {}).values():
+            if site not in participants:
+                dropouts[site] = "asked to train; no accepted update (dropped out or rejected)"
+        self.ledger.append_server(server_round_record(
+            server_round=server_round, participants=participants, dropouts=dropouts,
+            aggregate=aggregate, global_weights=self.global_weights, secagg=self.cfg.secagg,
+            mask_generator=MASK_GENERATOR if self.cfg.secagg else None))
 
     def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
                            failures: list[Any]) -> tuple[float | None, dict[str, Scalar]]:

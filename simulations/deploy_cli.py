@@ -156,7 +156,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     seeded = any(item.split("=", 1)[0].strip() == "deterministic" for item in args.set)
     cfg = cfg.model_copy(update={"out": str(out), "run_id": cfg.run_id or out.name,
                                  "sites": sites, "resume": args.resume,
-                                 "deterministic": cfg.deterministic and seeded})
+                                 "deterministic": cfg.deterministic and seeded,
+                                 "keys": cfg.keys or str(consortium.ledger_keys.resolve())})
     rc = submit_run(consortium.root, cfg, insecure=args.insecure)
     summary = out / "summary.json"
     if rc == 0 and summary.is_file():

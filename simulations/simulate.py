@@ -48,6 +48,13 @@ def simulate(cfg: FederationConfig, num_cpus: int | None = None,
     os.environ.update(FLOWER_ENV)
     if not cfg.out:
         cfg = cfg.model_copy(update={"out": str(default_run_dir())})
+    if not cfg.keys:
+        # Simulated sites' ledger keys, beside (not inside) the run folder that auditors get.
+        from common.ledger import make_key_folder
+
+        keys = make_key_folder(Path(f"{cfg.out.rstrip('/')}.keys"),
+                               [f"site-{i}" for i in range(cfg.sites)])
+        cfg = cfg.model_copy(update={"keys": str(keys.resolve())})
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out) / "summary.json").unlink(missing_ok=True)
 

@@ -89,7 +89,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     procs: dict[str, subprocess.Popen[Any]] = {}
     timings: dict[str, float] = {}
     cfg = FederationConfig(sites=3, rounds=4, out=str(root / "run"), run_id="scenario",
-                           timeout=45, seed=11)
+                           timeout=45, seed=11, keys=str(consortium.ledger_keys))
     logs = root / "logs"
     logs.mkdir()
     try:
@@ -219,3 +219,19 @@ def test_private_keys_are_owner_only(scenario: dict[str, Any]) -> None:
     for key in [root / "ca.key", root / "server.key", root / "checkpoint.key",
                 *root.glob("sites/*/supernode.key")]:
         assert key.stat().st_mode & 0o777 == 0o600, key
+
+
+def test_privacy_ledger_of_the_deployed_run_verifies(scenario: dict[str, Any]) -> None:
+    """Sites signed their records with their enrolled keys, across the server restart."""
+    from common.audit import audit_run
+    from common.crypto.signing import load_public_keys
+
+    keys = load_public_keys(scenario["consortium"].ledger_keys / "public")
+    report = audit_run(scenario["cfg"].out, trusted_keys=keys)
+    assert report.ok, report.all_problems
+    claimed = {s.site: s for s in report.sites}
+    assert set(claimed) == set(SITES)
+    assert claimed["gamma"].rounds_trained == [1]
+    assert claimed["alpha"].rounds_trained == [1, 2, 3, 4]
+    for site in claimed.values():
+        assert site.rdp == pytest.approx(site.claimed, rel=1e-6) and site.claimed <= site.budget

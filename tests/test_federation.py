@@ -70,6 +70,21 @@ def test_run_folder_is_complete(runs: dict[str, Any]) -> None:
     assert all(r["secagg_clipped"] == 0 for r in records if r.get("trained"))
 
 
+def test_simulated_run_keeps_a_ledger_that_audits(runs: dict[str, Any]) -> None:
+    from common.audit import audit_run
+    from common.crypto.signing import load_public_keys
+
+    cfg, summary = runs["secagg"]
+    assert cfg.keys == "" and (Path(cfg.out) / "ledger.jsonl").is_file()
+    keys = load_public_keys(Path(f"{cfg.out}.keys") / "public")
+    report = audit_run(cfg.out, trusted_keys=keys)
+    assert report.ok, report.all_problems
+    audited = {s.site: s for s in report.sites}
+    for site in ("site-0", "site-1"):
+        assert audited[site].rounds_trained == [1, 2]
+        assert audited[site].claimed == pytest.approx(summary["epsilon"][site], rel=1e-9)
+
+
 def test_secagg_aggregate_equals_plain_weighted_average(runs: dict[str, Any]) -> None:
     """3 sites, one of which drops after key sharing: its masks are recovered."""
     (cfg, _), (plain_cfg, _) = runs["secagg"], runs["plain"]

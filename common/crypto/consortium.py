@@ -9,7 +9,9 @@ CONSORTIUM/
   server.crt, server.key  SuperLink TLS certificate (SANs: every --server-host) and key
   checkpoint.key          AES-256-GCM key of the encrypted global checkpoints (0600)
   allow-list/NAME.pub     OpenSSH public keys of the sites allowed to connect
-  sites/NAME/             what a site takes home: supernode.key (0600), supernode.pub, ca.crt
+  ledger/                 privacy-ledger keys: server.key (0600), public/NAME.pub.pem
+  sites/NAME/             what a site takes home: supernode.key and ledger.key (0600),
+                          supernode.pub, ca.crt, site.json
 ```
 
 Private keys are written with mode 0600 and never logged.
@@ -32,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.crypto.signing import SigningKey
 from common.errors import ConfigError
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -85,6 +88,7 @@ class Consortium:
     server_cert = property(lambda self: self.root / "server.crt")
     server_key = property(lambda self: self.root / "server.key")
     checkpoint_key = property(lambda self: self.root / "checkpoint.key")
+    ledger_keys = property(lambda self: self.root / "ledger")
     allow_list = property(lambda self: self.root / "allow-list")
 
     def site_dir(self, name: str) -> Path:
@@ -138,6 +142,9 @@ def init_consortium(root: str | Path, server_hosts: list[str],
     (root / "server.crt").write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     _write_private(root / "checkpoint.key", os.urandom(32).hex().encode() + b"\n")
     (root / "allow-list").mkdir(exist_ok=True)
+    ledger_key = SigningKey.generate()
+    ledger_key.save(root / "ledger" / "server.key")
+    ledger_key.save_public(root / "ledger" / "public" / "server.pub.pem")
     (root / "consortium.json").write_text(json.dumps(
         {"name": name, "server_hosts": list(server_hosts), "port": port}, indent=2) + "\n")
     return Consortium(root)
@@ -160,6 +167,9 @@ def enroll_site(root: str | Path, name: str) -> Path:
                                            serialization.PublicFormat.OpenSSH)
     (site_dir / "supernode.pub").write_bytes(public + b"\n")
     shutil.copyfile(consortium.ca_cert, site_dir / "ca.crt")
+    ledger_key = SigningKey.generate()  # signs the site's privacy-ledger records
+    ledger_key.save(site_dir / "ledger.key")
+    ledger_key.save_public(consortium.ledger_keys / "public" / f"{name}.pub.pem")
     (site_dir / "site.json").write_text(json.dumps(
         {"name": name, "superlink": consortium.address}, indent=2) + "\n")
     consortium.allow_list.mkdir(exist_ok=True)
@@ -169,7 +179,9 @@ def enroll_site(root: str | Path, name: str) -> Path:
 
 def remove_site(root: str | Path, name: str) -> None:
     """Take a site off the allow-list (the server unregisters it at its next start)."""
-    path = Consortium(Path(root)).allow_list / f"{name}.pub"
+    consortium = Consortium(Path(root))
+    path = consortium.allow_list / f"{name}.pub"
     if not path.exists():
         raise ConfigError(f"site {name!r} is not enrolled in {root}")
     path.unlink()
+    (consortium.ledger_keys / "public" / f"{name}.pub.pem").unlink(missing_ok=True)
