@@ -226,7 +226,12 @@ class Site:
                 log.warning("%s: %d update values exceed the SecAgg+ clipping range %g and "
                             "will be clipped", self.name, clipped, limit)
             metrics["secagg_clipped"] = clipped
-        return SiteReport(result.update, result.n_samples, metrics)
+        update = result.update
+        if self.cfg.secagg:
+            # SecAgg+ shifts values by its clipping range before quantising: in float32
+            # that shift alone would cost up to half a quantisation step.
+            update = [u.astype(np.float64) for u in update]
+        return SiteReport(update, result.n_samples, metrics)
 
     def evaluate(self, weights: NDArrays) -> tuple[EvalCounts, dict[str, Any]]:
         """Evaluate the global ``weights`` on the site's validation bags."""
