@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from common.crypto.signing import SigningKey
 from simulations.simulate import FLOWER_ENV
 
 os.environ.update(FLOWER_ENV)
@@ -22,3 +23,9 @@ def ucsb() -> Path:
     if not (UCSB / "labels.csv").is_file():
         pytest.skip(f"real UCSB data not found at {UCSB}")
     return UCSB
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, SigningKey]:
+    """Ledger signing keys of a server and two sites."""
+    return {name: SigningKey.generate() for name in ("server", "site-0", "site-1")}

@@ -22,11 +22,6 @@ TINY = dict(sites=2, rounds=2, synthetic_bags=40, seed=11, batch_size=16, epsilo
 
 
 @pytest.fixture(scope="module")
-def keys() -> dict[str, SigningKey]:
-    return {name: SigningKey.generate() for name in ("server", "site-0", "site-1")}
-
-
-@pytest.fixture(scope="module")
 def good_run(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, SigningKey]) -> Path:
     base = tmp_path_factory.mktemp("audit")
     run = base / "run"

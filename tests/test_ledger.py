@@ -31,11 +31,6 @@ TINY = dict(sites=2, rounds=2, synthetic_bags=40, seed=5, batch_size=64, epsilon
 
 
 @pytest.fixture(scope="module")
-def keys() -> dict[str, SigningKey]:
-    return {name: SigningKey.generate() for name in ("server", "site-0", "site-1")}
-
-
-@pytest.fixture(scope="module")
 def good_run(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, SigningKey]) -> Path:
     run = tmp_path_factory.mktemp("ledger") / "run"
     run_inprocess(FederationConfig(**TINY), run_dir=run, server_key=keys["server"],
