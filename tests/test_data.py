@@ -65,3 +65,34 @@ def test_pooled_auc_from_histograms_matches_exact() -> None:
     back = EvalCounts.from_metrics(pooled.to_metrics())
     assert back == pooled
     assert np.isnan(auc_from_histograms(np.ones(3), np.zeros(3)))
+
+
+def test_patient_column_makes_the_patient_the_privacy_unit(tmp_path: Path) -> None:
+    """A patient with k slides is one DP sample, and never on both sides of the split."""
+    from PIL import Image
+
+    from common.config import FederationConfig
+    from common.site import Site, initial_model
+    from common.training import get_weights
+
+    rng = np.random.default_rng(0)
+    rows = ["image,label,tma_group,patient"]
+    for i in range(12):
+        Image.fromarray(rng.integers(60, 200, (64, 64, 3), dtype=np.uint8)).save(
+            tmp_path / f"s{i}.png")
+        rows.append(f"s{i}.png,{(i // 2) % 2},g0,p{i // 2}")  # 6 patients x 2 slides
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    cfg = FederationConfig(sites=2, data=str(tmp_path), patch_size=16, batch_size=2)
+    site = Site(cfg, 0, data=str(tmp_path))
+    train, val = site.data.train, site.data.val
+    assert set(train.patients or ()) and not set(train.patients or ()) & set(val.patients or ())
+    assert site.privacy_unit == "patient"
+    assert len(site.train_set) == len(set(train.patients or ())) == len(train) // 2
+    report = site.train(get_weights(initial_model(cfg)), 1)
+    assert report.n_samples == len(site.train_set)  # FedAvg weight: patients
+
+
+def test_patient_column_must_be_complete(tmp_path: Path) -> None:
+    (tmp_path / "labels.csv").write_text("image,label,patient\na.png,1,p1\nb.png,0,\n")
+    with pytest.raises(DataError, match="line 3: empty patient"):
+        read_labels(tmp_path)

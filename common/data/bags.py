@@ -136,16 +136,31 @@ def stratified_split(
 
 def split_bags(
     name: str, bags: list[np.ndarray], labels: np.ndarray, names: list[str],
-    val_fraction: float, seed: int,
+    val_fraction: float, seed: int, patients: list[str] | None = None,
 ) -> SiteData:
-    """Split one site's bags into train and validation, stratified by label."""
+    """Split one site's bags into train and validation, stratified by label.
+
+    With ``patients``, whole patients go to one side (a patient's label is positive when
+    any of its slides is), and the bags keep their patient ids, so that DP training can
+    take one patient as one sample.
+    """
     rng = np.random.default_rng(seed)
-    is_val = stratified_split(labels, val_fraction, rng)
+    if patients is None:
+        is_val = stratified_split(labels, val_fraction, rng)
+    else:
+        ids = sorted(set(patients))
+        positive = {p: 0 for p in ids}
+        for p, label in zip(patients, labels):
+            positive[p] = max(positive[p], int(label))
+        val_ids = np.array(ids)[stratified_split(np.array([positive[p] for p in ids]),
+                                                 val_fraction, rng)]
+        is_val = np.isin(np.array(patients), val_ids)
 
     def pick(sel: np.ndarray) -> BagSet:
         idx = np.flatnonzero(sel)
         return BagSet(tuple(bags[i] for i in idx), labels[idx].astype(np.int64),
-                      tuple(names[i] for i in idx))
+                      tuple(names[i] for i in idx),
+                      tuple(patients[i] for i in idx) if patients is not None else None)
 
     return SiteData(name=name, train=pick(~is_val), val=pick(is_val))
 

@@ -102,7 +102,7 @@ def load_h5_bags(folder: str | Path, labels_csv: str | Path | None = None) -> H5
         labels.append(1 if raw in POSITIVE else 0)
         out.names.append(name)
         out.groups.append(row.get("tma_group") or row.get("site") or name)
-        out.patients.append(row.get("patient") or name)
+        out.patients.append(row.get("patient") or "")
         out.paths.append(h5_path)
     if not out.bags:
         raise DataError(f"{folder}: none of the {len(rows)} slides in {labels_path} has a "
@@ -135,5 +135,7 @@ def h5_folder_site(folder: str | Path, index: int, n_sites: int, seed: int = 0,
     idx = [by_path[item.path] for item in chosen]
     if not idx:
         raise DataError(f"{folder}: site-{index} has no slide with features")
+    patients = [data.patients[i] for i in idx]
     return split_bags(f"site-{index}", [data.bags[i] for i in idx], data.labels[idx],
-                      [data.names[i] for i in idx], val_fraction, seed + index)
+                      [data.names[i] for i in idx], val_fraction, seed + index,
+                      patients if all(patients) else None)

@@ -35,10 +35,13 @@ class LabelledImage:
     path: Path
     label: int
     group: str
+    patient: str | None = None
 
 
 def read_labels(folder: Path) -> list[LabelledImage]:
-    """Read and check ``folder/labels.csv``; raise :class:`DataError` naming the problem."""
+    """Read and check ``folder/labels.csv`` (``image,label[,tma_group][,patient]``);
+    raise :class:`DataError` naming the problem. With a ``patient`` column the privacy
+    unit becomes the patient."""
     if not folder.is_dir():
         raise DataError(f"{folder}: data folder not found (give a folder holding {LABELS_FILE})")
     labels_path = folder / LABELS_FILE
@@ -74,7 +77,11 @@ def read_labels(folder: Path) -> list[LabelledImage]:
                 f"{sorted(POSITIVE | NEGATIVE)}"
             )
         group = (row.get("tma_group") or "").strip() or name
-        items.append(LabelledImage(folder / name, label, group))
+        patient = (row.get("patient") or "").strip() or None
+        if "patient" in columns and patient is None:
+            raise DataError(f"{labels_path}: line {line}: empty patient; give every image's "
+                            "patient, or drop the column for slide-level privacy")
+        items.append(LabelledImage(folder / name, label, group, patient))
     return items
 
 
@@ -150,4 +157,7 @@ def image_folder_site(
         raise DataError(f"{folder}: site-{index} has no readable image with tissue")
     labels = np.array([item.label for item in kept], dtype=np.int64)
     names = [item.path.name for item in kept]
-    return split_bags(f"site-{index}", bags, labels, names, val_fraction, seed + index)
+    patients = ([str(item.patient) for item in kept]
+                if all(item.patient for item in kept) else None)
+    return split_bags(f"site-{index}", bags, labels, names, val_fraction, seed + index,
+                      patients)
