@@ -106,7 +106,10 @@ def load_checkpoint(path: str | Path, key: bytes | None = None) -> dict[str, np.
     import io
 
     path = Path(path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: checkpoint not found") from None
     if path.name.endswith(SUFFIX):
         key = key or load_key()
         if key is None:

@@ -85,3 +85,33 @@ def test_unreadable_images_are_named(tmp_path: Path) -> None:
 def test_help(args: list[str]) -> None:
     r = pathfed(*args)
     assert r.returncode == 0 and "pathfed" in r.stdout
+
+
+def test_consortium_init_and_site_enroll(tmp_path: Path) -> None:
+    """What a coordinator types: keys 0600, the site folder to hand over, clear errors."""
+    from cryptography import x509
+
+    root = tmp_path / "consortium"
+    r = pathfed("consortium", "init", str(root), "--server-host", "fl.example.org",
+                "--server-host", "10.1.2.3", "--port", "9443")
+    assert r.returncode == 0, r.stderr
+    cert = x509.load_pem_x509_certificate((root / "server.crt").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "fl.example.org" in sans.get_values_for_type(x509.DNSName)
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
+    r = pathfed("site", "enroll", "hospital-a", "--consortium", str(root))
+    assert r.returncode == 0 and "sites/hospital-a" in r.stdout
+    site = root / "sites" / "hospital-a"
+    for key in (site / "supernode.key", site / "ledger.key", root / "ca.key",
+                root / "server.key", root / "checkpoint.key", root / "ledger" / "server.key"):
+        assert key.stat().st_mode & 0o777 == 0o600, key
+        assert key.read_text()[:40] not in r.stdout + r.stderr  # never printed
+    assert (root / "allow-list" / "hospital-a.pub").read_bytes().startswith(b"ecdsa-sha2-")
+    assert (root / "ledger" / "public" / "hospital-a.pub.pem").is_file()
+    _bad(pathfed("site", "enroll", "hospital-a", "--consortium", str(root)), "already")
+    _bad(pathfed("site", "enroll", "bad name!", "--consortium", str(root)), "site name")
+    _bad(pathfed("site", "enroll", "b", "--consortium", str(tmp_path)), "consortium.json")
+    r = pathfed("site", "remove", "hospital-a", "--consortium", str(root))
+    assert r.returncode == 0 and not (root / "allow-list" / "hospital-a.pub").exists()
+    _bad(pathfed("checkpoint", "decrypt", str(tmp_path / "nope.npz.enc"), "--key-file",
+                 str(root / "checkpoint.key"), "--out", str(tmp_path / "x.npz")), "nope")
