@@ -187,7 +187,8 @@ class Site:
         if self.patches:  # a fresh draw of patches each round; a fixed one to validate
             return bags.to_patch_dataset(
                 self.cfg.patches_per_slide, _seed(self.cfg.seed, self.name, split, server_round),
-                stain_augment=self.cfg.stain_augment if split == "train" else 0.0)
+                stain_augment=self.cfg.stain_augment if split == "train" else 0.0,
+                patch_labels=split == "train")  # annotations train; slides are evaluated
         return bags.to_dataset(self.max_instances)
 
     def train(self, weights: NDArrays, server_round: int) -> SiteReport:

@@ -199,7 +199,8 @@ def evaluate(model: nn.Module, data: TensorDataset, batch_size: int = 64) -> Eva
         *inputs, y = batch
         loss_sum += float(model.sample_losses(*inputs, y).sum())
         logits.append(model.scores(*inputs).numpy())
-        labels.append(y.numpy())
+        # patch labels (annotations): a slide is positive when any drawn patch is
+        labels.append((y if y.dim() == 1 else y.amax(dim=1)).numpy())
     if not logits:
         return EvalCounts()
     return EvalCounts.from_predictions(np.concatenate(logits), np.concatenate(labels), loss_sum)

@@ -48,10 +48,11 @@ def test_ucsb_patches_drop_background(ucsb: Path) -> None:
     from common.data.images import read_image
 
     image = read_image(ucsb / "ytma10_010704_benign1_ccd.tif")
-    patches = tissue_patches(image, 32)
+    patches, labels = tissue_patches(image, 32)
+    assert labels is None
     assert 0 < len(patches) <= (896 // 32) * (768 // 32)
     white = np.full((64, 64, 3), 250, np.uint8)
-    assert len(tissue_patches(white, 32)) == 0
+    assert len(tissue_patches(white, 32)[0]) == 0
 
 
 def test_pooled_auc_from_histograms_matches_exact() -> None:
@@ -96,3 +97,43 @@ def test_patient_column_must_be_complete(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_text("image,label,patient\na.png,1,p1\nb.png,0,\n")
     with pytest.raises(DataError, match="line 3: empty patient"):
         read_labels(tmp_path)
+
+
+def test_annotation_masks_give_patch_labels_to_the_patch_cnn(tmp_path: Path) -> None:
+    """labels.csv `mask` column: patch labels from annotations, used in DP training."""
+    import torch
+    from PIL import Image
+
+    from common.config import FederationConfig
+    from common.site import Site, initial_model
+    from common.training import get_weights
+
+    rng = np.random.default_rng(1)
+    rows = ["image,label,tma_group,mask"]
+    for i in range(8):
+        img = rng.integers(120, 180, (64, 64, 3), dtype=np.uint8)
+        mask = np.zeros((64, 64), np.uint8)
+        if i % 2:  # a tumour focus in the top-left quarter of positive slides
+            img[:32, :32] = (90, 40, 140)
+            mask[:32, :32] = 255
+        Image.fromarray(img).save(tmp_path / f"s{i}.png")
+        Image.fromarray(mask).save(tmp_path / f"s{i}-mask.png")
+        rows.append(f"s{i}.png,{i % 2},g{i % 2},s{i}-mask.png")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    cfg = FederationConfig(sites=2, data=str(tmp_path), model="residual-patch-cnn",
+                           patch_size=16, patches_per_slide=8, batch_size=2, val_fraction=0.25)
+    site = Site(cfg, 0, data=str(tmp_path))
+    tumour = site.data.train.instance_labels
+    assert tumour is not None
+    for label, patches in zip(site.data.train.labels, tumour):
+        assert patches.sum() == (4 if label else 0)  # 4 of the 16 patches are tumour
+    train = site._dataset("train", 1)
+    assert train.tensors[1].shape == (len(site.data.train), 8)  # per-patch labels
+    assert site._dataset("val", 0).tensors[1].dim() == 1  # slides are evaluated
+    report = site.train(get_weights(initial_model(cfg)), 1)
+    assert report.metrics["steps"] > 0 and report.metrics["epsilon"] > 0
+    model = site._model(get_weights(initial_model(cfg))).eval()  # no dropout: compare
+    x, y = train.tensors
+    expected = torch.nn.functional.cross_entropy(
+        model(x).reshape(-1, 2), y.long().reshape(-1), reduction="none").reshape(y.shape).mean(1)
+    assert torch.allclose(model.sample_losses(x, y), expected)

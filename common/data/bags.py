@@ -30,6 +30,9 @@ class BagSet:
     names: tuple[str, ...]
     patients: tuple[str, ...] | None = None
     """Patient of each bag, when the data has a patient column; None otherwise."""
+    instance_labels: tuple[np.ndarray, ...] | None = None
+    """Per-instance (patch) labels from annotations, ``int64[N_i]`` per bag; None when the
+    slide label is all there is."""
 
     def __len__(self) -> int:
         return len(self.bags)
@@ -83,19 +86,22 @@ class BagSet:
         )
 
 
-    def to_patch_dataset(self, k: int, seed: int, stain_augment: float = 0.0) -> TensorDataset:
+    def to_patch_dataset(self, k: int, seed: int, stain_augment: float = 0.0,
+                         patch_labels: bool = True) -> TensorDataset:
         """``(patches[n, k, 3, P, P], labels[n])`` from bags of image patches ``[N, P, P, 3]``.
 
         ``k`` patches of each slide, drawn without replacement (with replacement when the
         slide has fewer), optionally with HED stain augmentation of strength
         ``stain_augment`` (one draw per patch), scaled as the torch encoders scale them.
+        Labels are ``[n, k]`` patch labels when the bags are annotated and ``patch_labels``,
+        else the slide labels ``[n]``.
         """
         from common.features import IMAGENET_MEAN, IMAGENET_STD
 
         rng = np.random.default_rng(seed)
-        picked = np.stack([
-            bag[rng.choice(len(bag), size=k, replace=len(bag) < k)] for bag in self.bags
-        ]) if self.bags else np.zeros((0, k, 1, 1, 3), np.uint8)
+        chosen = [rng.choice(len(bag), size=k, replace=len(bag) < k) for bag in self.bags]
+        picked = (np.stack([bag[i] for bag, i in zip(self.bags, chosen)]) if self.bags
+                  else np.zeros((0, k, 1, 1, 3), np.uint8))
         if stain_augment > 0 and len(picked):
             from common.wsi.stain import hed_augment
 
@@ -103,7 +109,12 @@ class BagSet:
         x = torch.from_numpy(picked).float().div_(255.0).permute(0, 1, 4, 2, 3)
         mean = torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1)
-        return TensorDataset((x - mean) / std, torch.from_numpy(self.labels.astype(np.float32)))
+        if patch_labels and self.instance_labels is not None:  # annotated: per-patch labels
+            labels = np.stack([lab[i] for lab, i in zip(self.instance_labels, chosen)]) \
+                if self.bags else np.zeros((0, k))
+        else:  # weak labels: every patch takes its slide's label
+            labels = self.labels
+        return TensorDataset((x - mean) / std, torch.from_numpy(labels.astype(np.float32)))
 
 
 @dataclass(frozen=True)
@@ -137,6 +148,7 @@ def stratified_split(
 def split_bags(
     name: str, bags: list[np.ndarray], labels: np.ndarray, names: list[str],
     val_fraction: float, seed: int, patients: list[str] | None = None,
+    instance_labels: list[np.ndarray] | None = None,
 ) -> SiteData:
     """Split one site's bags into train and validation, stratified by label.
 
@@ -160,7 +172,9 @@ def split_bags(
         idx = np.flatnonzero(sel)
         return BagSet(tuple(bags[i] for i in idx), labels[idx].astype(np.int64),
                       tuple(names[i] for i in idx),
-                      tuple(patients[i] for i in idx) if patients is not None else None)
+                      tuple(patients[i] for i in idx) if patients is not None else None,
+                      tuple(instance_labels[i] for i in idx)
+                      if instance_labels is not None else None)
 
     return SiteData(name=name, train=pick(~is_val), val=pick(is_val))
 

@@ -36,10 +36,12 @@ class LabelledImage:
     label: int
     group: str
     patient: str | None = None
+    mask: Path | None = None
+    """Annotation: an image of the same size, nonzero where there is tumour."""
 
 
 def read_labels(folder: Path) -> list[LabelledImage]:
-    """Read and check ``folder/labels.csv`` (``image,label[,tma_group][,patient]``);
+    """Read and check ``folder/labels.csv`` (``image,label[,tma_group][,patient][,mask]``);
     raise :class:`DataError` naming the problem. With a ``patient`` column the privacy
     unit becomes the patient."""
     if not folder.is_dir():
@@ -81,7 +83,9 @@ def read_labels(folder: Path) -> list[LabelledImage]:
         if "patient" in columns and patient is None:
             raise DataError(f"{labels_path}: line {line}: empty patient; give every image's "
                             "patient, or drop the column for slide-level privacy")
-        items.append(LabelledImage(folder / name, label, group, patient))
+        mask = (row.get("mask") or "").strip()
+        items.append(LabelledImage(folder / name, label, group, patient,
+                                   folder / mask if mask else None))
     return items
 
 
@@ -112,34 +116,66 @@ def read_image(path: Path) -> np.ndarray:
         raise SlideReadError(f"{path}: cannot read image ({err})") from None
 
 
-def tissue_patches(image: np.ndarray, patch_size: int) -> np.ndarray:
-    """Non-overlapping patches ``uint8[n, P, P, 3]`` that are not mostly background."""
+def _grid(image: np.ndarray, patch_size: int) -> np.ndarray:
+    """Non-overlapping patches ``[n, P, P, ...]`` in row-major grid order."""
     h, w = image.shape[0] // patch_size, image.shape[1] // patch_size
-    grid = image[: h * patch_size, : w * patch_size].reshape(h, patch_size, w, patch_size, 3)
-    patches = grid.transpose(0, 2, 1, 3, 4).reshape(-1, patch_size, patch_size, 3)
+    grid = image[: h * patch_size, : w * patch_size]
+    grid = grid.reshape(h, patch_size, w, patch_size, *image.shape[2:])
+    return grid.swapaxes(1, 2).reshape(h * w, patch_size, patch_size, *image.shape[2:])
+
+
+def tissue_patches(image: np.ndarray, patch_size: int,
+                   mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Non-overlapping patches ``uint8[n, P, P, 3]`` that are not mostly background, and,
+    with an annotation ``mask``, each patch's label (tumour on half its pixels or more)."""
+    patches = _grid(image, patch_size)
     white = (patches.min(axis=-1) > WHITE_LEVEL).mean(axis=(1, 2))
-    return patches[white < MAX_WHITE_FRACTION]
+    keep = white < MAX_WHITE_FRACTION
+    if mask is None:
+        return patches[keep], None
+    if mask.shape[:2] != image.shape[:2]:
+        raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} px, image "
+                         f"{image.shape[1]}x{image.shape[0]} px")
+    tumour = (_grid(mask > 0, patch_size).mean(axis=(1, 2)) >= 0.5).astype(np.int64)
+    return patches[keep], tumour[keep]
+
+
+def _read_mask(item: LabelledImage) -> np.ndarray | None:
+    if item.mask is None:
+        return None
+    try:
+        with Image.open(item.mask) as im:
+            return np.asarray(im.convert("L"))
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+        raise SlideReadError(f"{item.mask}: cannot read the annotation mask of "
+                             f"{item.path.name} ({err})") from None
 
 
 def embed_images(
     items: list[LabelledImage], patch_size: int, encoder: str | None
-) -> tuple[list[np.ndarray], list[LabelledImage]]:
-    """Bags of patch features (or of the patches themselves when ``encoder`` is None);
-    unreadable or empty images are skipped with a warning."""
+) -> tuple[list[np.ndarray], list[LabelledImage], list[np.ndarray | None]]:
+    """Bags of patch features (or of the patches themselves when ``encoder`` is None),
+    with per-patch labels where the image has an annotation mask; unreadable or empty
+    images are skipped with a warning."""
     encode = get_encoder(encoder) if encoder else (lambda patches: patches)
-    bags, kept = [], []
+    bags, kept, patch_labels = [], [], []
     for item in items:
         try:
-            patches = tissue_patches(read_image(item.path), patch_size)
+            patches, tumour = tissue_patches(read_image(item.path), patch_size,
+                                             _read_mask(item))
         except SlideReadError as err:
             log.warning("%s; skipped", err)
+            continue
+        except ValueError as err:
+            log.warning("%s: %s; skipped", item.mask, err)
             continue
         if len(patches) == 0:
             log.warning("%s: no tissue patch of %d px; skipped", item.path, patch_size)
             continue
         bags.append(encode(patches))
         kept.append(item)
-    return bags, kept
+        patch_labels.append(tumour)
+    return bags, kept, patch_labels
 
 
 def image_folder_site(
@@ -152,12 +188,16 @@ def image_folder_site(
     for training a patch model.
     """
     items = assign_sites(read_labels(folder), n_sites)[index]
-    bags, kept = embed_images(items, patch_size, encoder)
+    bags, kept, patch_labels = embed_images(items, patch_size, encoder)
     if not bags:
         raise DataError(f"{folder}: site-{index} has no readable image with tissue")
     labels = np.array([item.label for item in kept], dtype=np.int64)
     names = [item.path.name for item in kept]
     patients = ([str(item.patient) for item in kept]
                 if all(item.patient for item in kept) else None)
+    annotated = all(lab is not None for lab in patch_labels)
+    if not annotated and any(lab is not None for lab in patch_labels):
+        log.warning("%s: only some images of site-%d have an annotation mask; training on "
+                    "slide labels for all", folder, index)
     return split_bags(f"site-{index}", bags, labels, names, val_fraction, seed + index,
-                      patients)
+                      patients, patch_labels if annotated else None)  # type: ignore[arg-type]

@@ -101,18 +101,21 @@ class SlidePatchClassifier(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         b, k = patches.shape[:2]
-        return self.cnn(patches.reshape(b * k, *patches.shape[2:])).reshape(b, k, -1)
+        out = self.cnn(patches.reshape(b * k, *patches.shape[2:]))
+        return out.reshape(b, k, out.shape[-1])  # explicit: b may be 0 (empty Poisson batch)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """128-d features of single patches ``x[B, 3, P, P]`` (for use as an encoder)."""
         return self.cnn.embed(x)
 
     def sample_losses(self, patches: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-slide losses ``[B]``: cross-entropy of each patch against the slide label,
-        averaged over the slide's patches."""
+        """Per-slide losses ``[B]``: cross-entropy of each patch against its label, averaged
+        over the slide's patches. ``labels`` is ``[B]`` (the slide's label for every patch)
+        or ``[B, k]`` (patch labels from annotations)."""
         logits = self(patches)
         b, k, c = logits.shape
-        target = labels.long().repeat_interleave(k)
+        target = (labels.long().reshape(b * k) if labels.dim() == 2
+                  else labels.long().repeat_interleave(k))
         return F.cross_entropy(logits.reshape(b * k, c), target,
                                reduction="none").reshape(b, k).mean(1)
 
