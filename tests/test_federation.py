@@ -165,3 +165,15 @@ def test_patch_cnn_trains_in_federation_and_serves_as_encoder(tmp_path: Path, uc
     encoder = build_encoder("patch-cnn", weights)
     feats = encoder(np.zeros((3, 32, 32, 3), np.uint8))
     assert feats.shape == (3, 128) and encoder.weights_hash != "none"
+
+
+def test_wsi_demo_runs_on_generated_slides(tmp_path: Path) -> None:
+    """Synthetic pyramidal slides -> OpenSlide -> prepare -> federated MIL, no ../shared."""
+    from simulations import wsi_demo
+
+    assert wsi_demo.main(["--out", str(tmp_path), "--sites", "2", "--slides", "6",
+                          "--rounds", "1"]) == 0
+    manifest = (tmp_path / "features" / "manifest.csv").read_text()
+    assert manifest.count(",done,") == 12
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rounds"] == 1 and summary["dp"] and summary["secagg"]

@@ -123,3 +123,26 @@ def synthetic_slide(path: str | Path, width: int = 2048, height: int = 1536, see
     """A synthetic tissue slide written to ``path`` (see :func:`write_pyramid_tiff`)."""
     image = synthetic_tissue(width, height, seed)
     return write_pyramid_tiff(path, image, mpp, **kwargs)  # type: ignore[arg-type]
+
+
+def synthetic_tumour_slide(width: int, height: int, seed: int,
+                           tumour: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic slide and its annotation mask; with ``tumour``, a focus of densely
+    packed nuclei (about 5 % of the slide) inside the tissue, a small positive region
+    among negatives, as a MIL task needs."""
+    image = synthetic_tissue(width, height, seed)
+    mask = np.zeros((height, width), dtype=np.uint8)
+    if tumour:
+        rng = np.random.default_rng([seed, 7])
+        dense = synthetic_tissue(width, height, seed + 10_000, tissue_fraction=1.0,
+                                 nuclei_per_mpx=40_000)
+        tissue = (image.astype(np.int16).sum(-1) < 3 * 225)
+        ys, xs = np.nonzero(tissue)
+        i = rng.integers(len(ys)) if len(ys) else 0
+        cy, cx = (ys[i], xs[i]) if len(ys) else (height // 2, width // 2)
+        r = int(np.sqrt(0.05 * width * height / np.pi))
+        yy, xx = np.ogrid[:height, :width]
+        focus = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r)
+        image = np.where(focus[..., None], dense, image)
+        mask[focus] = 255
+    return image, mask
