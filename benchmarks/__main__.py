@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = {
+BENCHMARKS = {"dp": "benchmarks.dp",
     "secagg": "benchmarks.secagg",
     "tiling": "benchmarks.tiling",
     "extract": "benchmarks.extract",

@@ -1,0 +1,143 @@
+"""DP-SGD overhead: one DP step against one plain step, same model and batch.
+
+    python -m benchmarks dp [--repeats 5] [--bags 8 --instances 2000 --features 1024]
+
+For attention-MIL on feature bags and for the seed's patch CNN (slides of k patches), each
+per-sample-gradient path Opacus offers (``hooks``, ``functorch``, ``ew``, ghost clipping)
+and PathFed's ``torch.func`` path (``vmap``, one sample = one slide) is timed against a
+plain optimizer step in the same run, best of ``--repeats``. Peak memory is each
+configuration's resident set size, measured in a fresh process (CPU: no allocator stats).
+A path Opacus rejects for a model is reported as such. For the patch CNN, the layer-hook
+paths (hooks, functorch, ew, ghost) see one sample per *patch*, not per slide, so they
+are timed for comparison only: PathFed trains it with ``vmap`` (one sample = one slide).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+MODES = ("plain", "hooks", "functorch", "ew", "ghost", "vmap")
+
+
+def _batch(model_name: str, args: argparse.Namespace) -> tuple[Any, list[Any]]:
+    import torch
+
+    from common.models import build_model
+
+    torch.manual_seed(0)
+    if model_name == "mil":
+        model = build_model("gated-attention-mil", in_dim=args.features)
+        x = torch.randn(args.bags, args.instances, args.features)
+        mask = torch.ones(args.bags, args.instances, dtype=torch.bool)
+        return model, [x, mask, torch.randint(0, 2, (args.bags,)).float()]
+    model = build_model("residual-patch-cnn", patch_size=args.patch_size, dropout=0.0)
+    x = torch.randn(args.slides, args.patches, 3, args.patch_size, args.patch_size)
+    return model, [x, torch.randint(0, 2, (args.slides,)).float()]
+
+
+def _measure(model_name: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One configuration, in this (fresh) process: best step time and peak RSS."""
+    import torch
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from common.training import _mean_loss, _vmap_grad_samples
+
+    torch.set_num_threads(args.threads)
+    model, batch = _batch(model_name, args)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    step_model, criterion = model, None
+    if mode != "plain":
+        loader = DataLoader(TensorDataset(*batch), batch_size=len(batch[-1]))
+        engine = PrivacyEngine(accountant="rdp")
+        kwargs: dict[str, Any] = {}
+        if mode == "ghost":
+            kwargs = {"grad_sample_mode": "ghost", "criterion": torch.nn.BCEWithLogitsLoss()}
+        elif mode == "vmap":
+            kwargs = {"grad_sample_mode": "no_op"}
+        else:
+            kwargs = {"grad_sample_mode": mode}
+        try:
+            out = engine.make_private(module=model, optimizer=opt, data_loader=loader,
+                                      noise_multiplier=1.0, max_grad_norm=1.0,
+                                      poisson_sampling=False, **kwargs)
+        except Exception as err:  # Opacus refuses some mode/model pairs
+            return {"error": f"{type(err).__name__}: {str(err)[:60]}"}
+        step_model, opt = out[0], out[1]
+        if mode == "ghost":
+            criterion = out[2]
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        if mode == "vmap":
+            _vmap_grad_samples(model, batch)
+        elif mode == "ghost":
+            *inputs, y = batch
+            out = step_model(*inputs)
+            logits = out.logits if hasattr(out, "logits") else out.mean(1)[:, 1]
+            criterion(logits, y).backward()  # type: ignore[misc]
+        else:  # Opacus' hooks sit on the model's own layers
+            _mean_loss(model, batch).backward()
+        opt.step()
+
+    try:
+        step()  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {str(err)[:60]}"}
+    return {"time": min(times), "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _worker(queue: Any, model_name: str, mode: str, args: argparse.Namespace) -> None:
+    queue.put(_measure(model_name, mode, args))
+
+
+def _run(model_name: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_worker, args=(queue, model_name, mode, args))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return dict(result)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks dp")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bags", type=int, default=8, help="MIL batch (bags)")
+    parser.add_argument("--instances", type=int, default=2000)
+    parser.add_argument("--features", type=int, default=1024)
+    parser.add_argument("--slides", type=int, default=8, help="patch-CNN batch (slides)")
+    parser.add_argument("--patches", type=int, default=8, help="patches per slide")
+    parser.add_argument("--patch-size", type=int, default=32)
+    parser.add_argument("--models", nargs="+", default=["mil", "cnn"])
+    args = parser.parse_args(argv)
+    console = Console()
+    for model_name in args.models:
+        results = {mode: _run(model_name, mode, args) for mode in MODES}
+        base = results["plain"]
+        table = Table(title=f"DP-SGD step vs plain step: {model_name} (best of {args.repeats})")
+        for col in ("mode", "s/step", "time / plain", "peak RSS MB", "memory / plain"):
+            table.add_column(col, justify="right")
+        for mode, r in results.items():
+            if "error" in r:
+                table.add_row(mode, "-", r["error"], "-", "-")
+                continue
+            table.add_row(mode, f"{r['time']:.4f}", f"{r['time'] / base['time']:.2f}x",
+                          f"{r['rss_mb']:.0f}", f"{r['rss_mb'] / base['rss_mb']:.2f}x")
+        console.print(table)
+    return 0
