@@ -79,11 +79,15 @@ class DPPlan:
         return asdict(self)
 
 
+@functools.lru_cache(maxsize=64)
 def plan_site(
     n_train: int, *, batch_size: int, local_epochs: int, rounds: int, epsilon: float,
     delta: float, max_grad_norm: float, max_noise_multiplier: float, accountant: str = "rdp",
 ) -> DPPlan:
     """Calibrate the noise so that ``rounds`` rounds spend at most ``epsilon`` at ``delta``.
+
+    Calibration takes most of a second and every round's message builds the site anew,
+    so plans are cached per process (the result is a frozen value).
 
     The sampling rate and steps match Opacus' Poisson loader over a ``DataLoader`` of
     ``batch_size``: ``q = 1 / ceil(n / B)`` and ``ceil(n / B)`` steps per epoch. When the
