@@ -6,8 +6,10 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = {"dp": "benchmarks.dp",
+BENCHMARKS = {
+    "dp": "benchmarks.dp",
     "secagg": "benchmarks.secagg",
+    "scale": "benchmarks.scale",
     "tiling": "benchmarks.tiling",
     "extract": "benchmarks.extract",
 }

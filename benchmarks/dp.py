@@ -6,7 +6,8 @@ For attention-MIL on feature bags and for the seed's patch CNN (slides of k patc
 per-sample-gradient path Opacus offers (``hooks``, ``functorch``, ``ew``, ghost clipping)
 and PathFed's ``torch.func`` path (``vmap``, one sample = one slide) is timed against a
 plain optimizer step in the same run, best of ``--repeats``. Peak memory is each
-configuration's resident set size, measured in a fresh process (CPU: no allocator stats).
+configuration's resident set size, measured in a fresh process (CPU: no allocator stats);
+with ``--device cuda`` it is the peak of CUDA memory allocated instead (``benchmarks/gpu.sh``).
 A path Opacus rejects for a model is reported as such. For the patch CNN, the layer-hook
 paths (hooks, functorch, ew, ghost) see one sample per *patch*, not per slide, so they
 are timed for comparison only: PathFed trains it with ``vmap`` (one sample = one slide).
@@ -51,7 +52,9 @@ def _measure(model_name: str, mode: str, args: argparse.Namespace) -> dict[str, 
     from common.training import _mean_loss, _vmap_grad_samples
 
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     model, batch = _batch(model_name, args)
+    model, batch = model.to(device), [t.to(device) for t in batch]
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     step_model, criterion = model, None
@@ -87,6 +90,8 @@ def _measure(model_name: str, mode: str, args: argparse.Namespace) -> dict[str, 
         else:  # Opacus' hooks sit on the model's own layers
             _mean_loss(model, batch).backward()
         opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     try:
         step()  # warm-up
@@ -97,6 +102,8 @@ def _measure(model_name: str, mode: str, args: argparse.Namespace) -> dict[str, 
             times.append(time.perf_counter() - start)
     except Exception as err:
         return {"error": f"{type(err).__name__}: {str(err)[:60]}"}
+    if device.type == "cuda":
+        return {"time": min(times), "rss_mb": torch.cuda.max_memory_allocated() / 2**20}
     return {"time": min(times), "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -125,13 +132,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--patches", type=int, default=8, help="patches per slide")
     parser.add_argument("--patch-size", type=int, default=32)
     parser.add_argument("--models", nargs="+", default=["mil", "cnn"])
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     args = parser.parse_args(argv)
     console = Console()
     for model_name in args.models:
         results = {mode: _run(model_name, mode, args) for mode in MODES}
         base = results["plain"]
-        table = Table(title=f"DP-SGD step vs plain step: {model_name} (best of {args.repeats})")
-        for col in ("mode", "s/step", "time / plain", "peak RSS MB", "memory / plain"):
+        table = Table(title=f"DP-SGD step vs plain step: {model_name} on {args.device} "
+                            f"(best of {args.repeats})")
+        memory = "peak CUDA MB" if args.device.startswith("cuda") else "peak RSS MB"
+        for col in ("mode", "s/step", "time / plain", memory, "memory / plain"):
             table.add_column(col, justify="right")
         for mode, r in results.items():
             if "error" in r:

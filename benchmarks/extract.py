@@ -28,13 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoders", nargs="+", default=["color-texture", "resnet-tiny"])
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where torch encoders run (cuda: GPU)")
     args = parser.parse_args(argv)
 
     from common.features import build_encoder
     from common.wsi.extract import prepare
 
     table = Table(title=f"Feature extraction, {args.patch_size} px patches at {args.mpp} µm/px, "
-                  f"{args.workers} reading worker(s) (best of {args.repeats})")
+                  f"{args.workers} reading worker(s), {args.device} (best of {args.repeats})")
     for col in ("encoder", "dim", "forward alone patches/s", "prepare patches/s",
                 "prepare / forward"):
         table.add_column(col, justify="right")
@@ -43,17 +44,23 @@ def main(argv: list[str] | None = None) -> int:
         folder = slide_folder(args.slide, Path(tmp), args.synthetic)
         for name in args.encoders:
             encoder = build_encoder(name)
+            module = getattr(encoder, "module", None)
+            if module is not None:
+                encoder.to(args.device)  # type: ignore[attr-defined]
             batch = rng.integers(0, 256, (256, args.patch_size, args.patch_size, 3), np.uint8)
             forward_alone = encoder
-            module = getattr(encoder, "module", None)
             if module is not None:  # a torch encoder: the module on a random float tensor
                 import torch
 
-                x = torch.randn(len(batch), 3, args.patch_size, args.patch_size)
+                x = torch.randn(len(batch), 3, args.patch_size, args.patch_size,
+                                device=args.device)
 
                 def forward_alone(_: object) -> object:
                     with torch.inference_mode():
-                        return module(x)
+                        out = module(x)
+                        if x.is_cuda:
+                            torch.cuda.synchronize()
+                        return out
 
             forward_alone(batch[:8])  # warm-up
             forward = best(lambda: forward_alone(batch), args.repeats)
@@ -63,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             def full(name: str = name) -> None:
                 summary = prepare(folder, Path(tmp) / f"{name}-{next(run)}", mpp=args.mpp,
                                   patch_size=args.patch_size, encoder=name,
-                                  workers=args.workers, progress=False)
+                                  workers=args.workers, progress=False, device=args.device)
                 n_patches[0] = summary.n_patches
 
             secs = best(full, args.repeats)

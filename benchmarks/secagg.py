@@ -1,8 +1,11 @@
 """Secure aggregation benchmark.
 
-1. Mask expansion throughput: PathFed's ChaCha20 generator against Flower's stock
+1. Round cost: wall time per round and bytes each site uploads per round, SecAgg+ against
+   plain FedAvg in the same run, at 3, 10 and 30 sites for 1M and 10M parameters; bytes are
+   divided by the float32 size of the update (sites send fixed updates: aggregation only).
+2. Mask expansion throughput: PathFed's ChaCha20 generator against Flower's stock
    ``pseudo_rand_gen``, same sizes, same run (best of ``--repeats``).
-2. Round time of a simulated federation with hardened masks against the same federation
+3. Round time of a simulated federation with hardened masks against the same federation
    with Flower's stock masks (``PATHFED_SECAGG_MASKS=flower-stock``), at 3 and 10 sites.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -31,6 +35,28 @@ def mask_throughput(sizes: list[int], repeats: int) -> Table:
         stock = best(lambda: pseudo_rand_gen(seed, 2**32, [(n,)]), repeats)
         ours = best(lambda: expand_masks(seed, 2**32, [(n,)]), repeats)
         table.add_row(f"{n:,}", f"{n / stock:,.0f}", f"{n / ours:,.0f}", f"{ours / stock:.2f}x")
+    return table
+
+
+def round_cost(site_counts: list[int], sizes: list[int], rounds: int) -> Table:
+    from benchmarks._rounds import run
+
+    table = Table(title=f"SecAgg+ vs plain FedAvg, per round (rounds 2-{rounds}; "
+                        "sites send fixed float32 updates)")
+    for col in ("sites", "params", "plain s/round", "SecAgg+ s/round", "time SecAgg+ / plain",
+                "plain bytes / float32", "SecAgg+ bytes / float32"):
+        table.add_column(col, justify="right")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            for sites in site_counts:
+                plain = run(sites, n, rounds, False, Path(tmp))
+                secure = run(sites, n, rounds, True, Path(tmp))
+                table.add_row(
+                    str(sites), f"{n:,}", f"{plain['s_per_round']:.2f}",
+                    f"{secure['s_per_round']:.2f}",
+                    f"{secure['s_per_round'] / plain['s_per_round']:.2f}x",
+                    f"{plain['bytes_per_site_round'] / (4 * n):.3f}x",
+                    f"{secure['bytes_per_site_round'] / (4 * n):.3f}x")
     return table
 
 
@@ -65,12 +91,15 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks secagg")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--sites", type=int, nargs="+", default=[3, 10])
+    parser.add_argument("--sites", type=int, nargs="+", default=[3, 10, 30])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--skip-rounds", action="store_true", help="mask throughput only")
+    parser.add_argument("--skip-cost", action="store_true", help="no SecAgg+ vs plain table")
+    parser.add_argument("--skip-masks", action="store_true", help="no hardened vs stock tables")
     args = parser.parse_args(argv)
     console = Console()
-    console.print(mask_throughput(args.sizes, args.repeats))
-    if not args.skip_rounds:
-        console.print(round_times(args.sites, args.rounds))
+    if not args.skip_cost:
+        console.print(round_cost(args.sites, args.sizes, args.rounds))
+    if not args.skip_masks:
+        console.print(mask_throughput(args.sizes, args.repeats))
+        console.print(round_times([s for s in args.sites if s <= 10], args.rounds))
     return 0

@@ -15,10 +15,12 @@ import inspect
 import logging
 
 import flwr
-from flwr.app import Context, Message
+import numpy as np
+from flwr.app import Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from common.crypto import install_generator, mask_round
 
@@ -64,6 +66,24 @@ def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
     install_hardened_masks()
     token = mask_round.set(int(msg.metadata.group_id or 0))
     try:
-        return _flwr_mod.secaggplus_mod(msg, ctxt, call_next)
+        reply = _flwr_mod.secaggplus_mod(msg, ctxt, call_next)
     finally:
         mask_round.reset(token)
+    if reply.has_content():
+        pack_masked_vector(reply.content)
+    return reply
+
+
+def pack_masked_vector(content: RecordDict) -> None:
+    """Send the masked vector as ``uint32``, not Flower's ``int64``: half the bytes.
+
+    Masked values lie in ``[0, modulus)`` with a power-of-two modulus of at most ``2**32``,
+    so they fit 32 bits exactly; the server seam widens them back before summing.
+    """
+    configs = content.config_records.get(RECORD_KEY_CONFIGS)
+    if configs is None or Key.MASKED_PARAMETERS not in configs:
+        return
+    arrays = [bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]  # type: ignore
+    if any(a.size and (a.min() < 0 or a.max() >= 2**32) for a in arrays):
+        return  # not a modulus Flower allows; leave Flower's encoding alone
+    configs[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a.astype(np.uint32)) for a in arrays]

@@ -56,7 +56,8 @@ class FederationConfig(BaseModel):
 
     # Data
     data: str = Field(
-        "", description="Folder of labelled images (labels.csv); empty means synthetic bags."
+        "", description="Folder of labelled images (labels.csv), of prepared features, a site "
+        "file or a folder of site files (site-N.npz); empty means synthetic bags."
     )
     val_fraction: float = Field(0.3, gt=0.0, lt=1.0, description="Validation share per site.")
     synthetic_bags: int = Field(

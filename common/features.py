@@ -120,6 +120,15 @@ class TorchEncoder:
         probe = np.zeros((1, probe_size, probe_size, 3), dtype=np.uint8)
         self.dim = int(self._forward(probe).shape[1])
 
+    def to(self, device: str) -> TorchEncoder:
+        """Run the encoder on ``device`` (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+        import torch
+
+        self.device = torch.device(device)
+        self.module.to(self.device)
+        self._mean, self._std = self._mean.to(self.device), self._std.to(self.device)
+        return self
+
     def _forward(self, patches: np.ndarray) -> np.ndarray:
         import torch
 

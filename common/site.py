@@ -38,10 +38,12 @@ def feature_dim(cfg: FederationConfig) -> int:
         from common.data.synthetic import FEATURE_DIM
 
         return FEATURE_DIM
-    if cfg.data.endswith(".npz"):
-        from common.data import load_site_file
+    from common.data.bags import SITE_FILE, is_site_folder, load_site_file
 
+    if cfg.data.endswith(".npz"):
         return load_site_file(cfg.data).train.dim
+    if is_site_folder(cfg.data):
+        return load_site_file(Path(cfg.data) / SITE_FILE.format(index=0)).train.dim
     from common.data.h5 import h5_feature_dim, is_h5_folder
 
     if is_h5_folder(cfg.data):

@@ -14,6 +14,7 @@ import logging
 from typing import Any, cast
 
 import flwr
+import numpy as np
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
@@ -37,6 +38,7 @@ _flwr_workflow = importlib.import_module(
 
 FLOWER_SERIES = "1.42."
 _STOCK = getattr(_flwr_workflow, "pseudo_rand_gen", None)
+_STOCK_DECODE = getattr(_flwr_workflow, "bytes_to_ndarray", None)
 _STAGES = ("setup_stage", "share_keys_stage", "collect_masked_vectors_stage", "unmask_stage")
 
 
@@ -49,6 +51,8 @@ def check_flower_internals() -> None:
         problems.append("secaggplus_workflow.pseudo_rand_gen is gone")
     elif list(inspect.signature(_STOCK).parameters) != ["seed", "num_range", "dimensions_list"]:
         problems.append(f"pseudo_rand_gen has a new signature {inspect.signature(_STOCK)}")
+    if _STOCK_DECODE is None:
+        problems.append("secaggplus_workflow.bytes_to_ndarray is gone")
     missing = [s for s in _STAGES if not hasattr(SecAggPlusWorkflow, s)]
     if missing:
         problems.append(f"SecAggPlusWorkflow lost {missing}")
@@ -60,8 +64,18 @@ def check_flower_internals() -> None:
 
 
 def install_hardened_masks() -> None:
-    """Make Flower's SecAgg+ workflow expand masks with PathFed's generator."""
+    """Make Flower's SecAgg+ workflow expand masks with PathFed's generator, and read the
+    ``uint32`` masked vectors that ``client/secagg.py`` sends."""
     install_generator(_flwr_workflow, _STOCK, check_flower_internals)
+    _flwr_workflow.bytes_to_ndarray = _widening_decode
+
+
+def _widening_decode(data: bytes) -> np.ndarray:
+    """Flower's ``bytes_to_ndarray``, widening packed ``uint32`` masked vectors to ``int64``
+    so that Flower's sums and modulus run as they do on its own encoding."""
+    assert _STOCK_DECODE is not None
+    array = _STOCK_DECODE(data)
+    return array.astype(np.int64) if array.dtype == np.uint32 else array
 
 
 class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):

@@ -38,6 +38,8 @@ def add_parser(sub: Any) -> None:
                    help="pixels shared by neighbouring patches (default 0)")
     p.add_argument("--slide-mpp", type=float, metavar="MPP",
                    help="baseline microns per pixel of slides that record none (plain images)")
+    p.add_argument("--device", default="cpu", metavar="DEV",
+                   help="where a torch encoder runs: cpu (default), cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug log")
     p.set_defaults(func=_cmd_prepare)
@@ -55,7 +57,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         args.slides_dir, args.out, mpp=args.mpp, patch_size=args.patch_size,
         encoder=args.encoder, weights=args.weights, workers=args.workers,
         tissue_threshold=args.tissue_threshold, overlap=args.overlap,
-        slide_mpp=args.slide_mpp, progress=not args.no_progress,
+        slide_mpp=args.slide_mpp, progress=not args.no_progress, device=args.device,
     )
     c = summary.counts
     print(f"{len(summary.results)} slides in {summary.seconds:.1f} s: {c['done']} done "

@@ -137,3 +137,17 @@ def test_annotation_masks_give_patch_labels_to_the_patch_cnn(tmp_path: Path) -> 
     expected = torch.nn.functional.cross_entropy(
         model(x).reshape(-1, 2), y.long().reshape(-1), reduction="none").reshape(y.shape).mean(1)
     assert torch.allclose(model.sample_losses(x, y), expected)
+
+
+def test_folder_of_site_files_gives_each_site_its_own(tmp_path: Path) -> None:
+    from common.config import FederationConfig
+    from common.data import load_site
+    from common.site import feature_dim
+
+    for i in range(3):
+        save_site_file(synthetic_site(i, n_bags=12), tmp_path / f"site-{i}.npz")
+    for i in range(3):
+        assert load_site(i, 3, str(tmp_path), 0, 0.3).name == f"site-{i}"
+    assert feature_dim(FederationConfig(data=str(tmp_path))) == synthetic_site(0, n_bags=4).train.dim
+    with pytest.raises(DataError, match="3 site files.*sites = 3"):
+        load_site(0, 4, str(tmp_path), 0, 0.3)

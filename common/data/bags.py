@@ -225,6 +225,24 @@ def load_site_file(path: str | Path) -> SiteData:
         ) from None
 
 
+SITE_FILE = "site-{index}.npz"
+
+
+def is_site_folder(data: str | Path) -> bool:
+    """A folder of site files ``site-0.npz``, ``site-1.npz``, ...: one per simulated hospital."""
+    return Path(data).is_dir() and (Path(data) / SITE_FILE.format(index=0)).is_file()
+
+
+def site_folder_file(folder: str | Path, index: int, n_sites: int) -> Path:
+    """Site ``index``'s file in a folder of site files, checking the folder has ``n_sites``."""
+    folder = Path(folder)
+    present = sorted(folder.glob("site-*.npz"))
+    if len(present) != n_sites:
+        raise DataError(f"{folder}: holds {len(present)} site files (site-N.npz) but the "
+                        f"federation has {n_sites} sites; set sites = {len(present)}")
+    return folder / SITE_FILE.format(index=index)
+
+
 @lru_cache(maxsize=8)
 def load_site(
     index: int, n_sites: int, data: str, seed: int, val_fraction: float,
@@ -232,9 +250,10 @@ def load_site(
 ) -> SiteData:
     """Return site ``index`` of ``n_sites``: the one front door to a site's bags.
 
-    ``data`` is empty (the embedded synthetic default), a site file (``.npz``), or a folder
-    of labelled images (``labels.csv``) that is split into hospitals by ``tma_group``, or a
-    folder of slide features written by ``pathfed prepare`` (``manifest.csv``).
+    ``data`` is empty (the embedded synthetic default), a site file (``.npz``), a folder of
+    site files (``site-0.npz``, ...; site ``index`` takes its own), a folder of labelled
+    images (``labels.csv``) that is split into hospitals by ``tma_group``, or a folder of
+    slide features written by ``pathfed prepare`` (``manifest.csv``).
     An empty ``encoder`` keeps image patches themselves (for patch models).
     Results are cached per process, so a simulated site embeds its images once.
     """
@@ -244,6 +263,8 @@ def load_site(
         from common.data.synthetic import synthetic_site
 
         return synthetic_site(index, seed=seed, n_bags=synthetic_bags, val_fraction=val_fraction)
+    if is_site_folder(data):
+        return load_site_file(site_folder_file(data, index, n_sites))
     from common.data.h5 import h5_folder_site, is_h5_folder
 
     if is_h5_folder(data):  # features prepared by `pathfed prepare`

@@ -323,6 +323,7 @@ def prepare(
     batch_size: int = 64,
     thumbnail_size: int = 1024,
     progress: bool = True,
+    device: str = "cpu",
 ) -> PrepareSummary:
     """Every slide of ``slides_dir`` to ``out_dir/<stem>.h5``; see the module docstring.
 
@@ -335,6 +336,8 @@ def prepare(
         overlap: pixels shared by neighbouring patches.
         slide_mpp: baseline µm/px of slides that record none (e.g. plain TIFF/PNG images).
         progress: show rich progress bars.
+        device: where a torch encoder runs (``cuda`` on a GPU machine); patches are read
+            by ``workers`` processes either way.
 
     Returns a :class:`PrepareSummary`. Raises :class:`DataError` (or
     :class:`~common.errors.ConfigError`, :class:`~common.errors.UnknownModelError`) for bad
@@ -357,6 +360,13 @@ def prepare(
     slides_dir = Path(slides_dir)
     slides = find_slides(slides_dir)
     enc = build_encoder(encoder, weights)
+    if device != "cpu":
+        if not hasattr(enc, "to"):
+            raise ConfigError(f"encoder {enc.name!r} runs on the CPU only; drop --device")
+        try:
+            enc.to(device)
+        except (RuntimeError, AssertionError) as err:
+            raise ConfigError(f"device {device!r}: {err}") from None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = PrepareSettings(mpp, patch_size, enc.name, enc.weights_hash, tissue_threshold,
