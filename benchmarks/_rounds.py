@@ -33,7 +33,8 @@ def _measure_bytes(msg: Any, ctxt: Any, call_next: Any) -> Any:
     return reply
 
 
-def run(sites: int, n_params: int, rounds: int, secagg: bool, work: Path) -> dict[str, float]:
+def run(sites: int, n_params: int, rounds: int, secagg: bool, work: Path,
+        num_shares: float = 1.0) -> dict[str, float]:
     """Run the federation; mean seconds per round (rounds 2..) and mean bytes per site-round."""
     from flwr.client import NumPyClient
     from flwr.clientapp import ClientApp
@@ -71,7 +72,8 @@ def run(sites: int, n_params: int, rounds: int, secagg: bool, work: Path) -> dic
             rng = np.random.default_rng()
             return [rng.uniform(-0.01, 0.01, n_params).astype(np.float32)], 1, {}
 
-    cfg = FederationConfig(sites=sites, secagg=True, secagg_clipping_range=0.05)
+    cfg = FederationConfig(sites=sites, secagg=True, secagg_clipping_range=0.05,
+                           secagg_num_shares=num_shares)
     server = ServerApp()
 
     @server.main()  # type: ignore[misc]

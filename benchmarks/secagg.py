@@ -5,8 +5,9 @@
    divided by the float32 size of the update (sites send fixed updates: aggregation only).
 2. Mask expansion throughput: PathFed's ChaCha20 generator against Flower's stock
    ``pseudo_rand_gen``, same sizes, same run (best of ``--repeats``).
-3. Round time of a simulated federation with hardened masks against the same federation
-   with Flower's stock masks (``PATHFED_SECAGG_MASKS=flower-stock``), at 3 and 10 sites.
+3. Round time of a real PathFed federation (DP training on synthetic bags) without SecAgg+,
+   with Flower's stock masks (``PATHFED_SECAGG_MASKS=flower-stock``) and with PathFed's
+   hardened masks, at 3 and 10 sites.
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ def mask_throughput(sizes: list[int], repeats: int) -> Table:
     return table
 
 
-def round_cost(site_counts: list[int], sizes: list[int], rounds: int) -> Table:
+def round_cost(site_counts: list[int], sizes: list[int], rounds: int,
+               num_shares: float) -> Table:
     from benchmarks._rounds import run
 
-    table = Table(title=f"SecAgg+ vs plain FedAvg, per round (rounds 2-{rounds}; "
-                        "sites send fixed float32 updates)")
+    table = Table(title=f"SecAgg+ vs plain FedAvg, per round (rounds 2-{rounds}; sites send "
+                        f"fixed float32 updates; secagg-num-shares {num_shares:g})")
     for col in ("sites", "params", "plain s/round", "SecAgg+ s/round", "time SecAgg+ / plain",
                 "plain bytes / float32", "SecAgg+ bytes / float32"):
         table.add_column(col, justify="right")
@@ -50,9 +52,9 @@ def round_cost(site_counts: list[int], sizes: list[int], rounds: int) -> Table:
         for n in sizes:
             for sites in site_counts:
                 plain = run(sites, n, rounds, False, Path(tmp))
-                secure = run(sites, n, rounds, True, Path(tmp))
+                secure = run(sites, n, rounds, True, Path(tmp), num_shares)
                 table.add_row(
-                    str(sites), f"{n:,}", f"{plain['s_per_round']:.2f}",
+                    str(sites), f"{n / 1e6:g}M", f"{plain['s_per_round']:.2f}",
                     f"{secure['s_per_round']:.2f}",
                     f"{secure['s_per_round'] / plain['s_per_round']:.2f}x",
                     f"{plain['bytes_per_site_round'] / (4 * n):.3f}x",
@@ -61,6 +63,8 @@ def round_cost(site_counts: list[int], sizes: list[int], rounds: int) -> Table:
 
 
 def round_times(site_counts: list[int], rounds: int) -> Table:
+    """Real PathFed federations (DP training on synthetic bags): SecAgg+ off, SecAgg+ with
+    Flower's stock masks, SecAgg+ with PathFed's hardened masks."""
     import logging
 
     from common.config import FederationConfig
@@ -68,22 +72,24 @@ def round_times(site_counts: list[int], rounds: int) -> Table:
     from simulations.simulate import simulate
 
     logging.basicConfig(level=logging.WARNING)
-    table = Table(title=f"SecAgg+ round time, hardened vs stock masks ({rounds} rounds)")
-    for col in ("sites", "stock s/round", "hardened s/round", "hardened / stock"):
+    table = Table(title=f"PathFed federation (DP, synthetic bags), s/round over {rounds} rounds")
+    for col in ("sites", "plain FedAvg", "SecAgg+, stock masks", "SecAgg+, hardened masks",
+                "hardened / stock", "hardened / plain"):
         table.add_column(col, justify="right")
     for sites in site_counts:
         per_round = {}
-        for masks in ("flower-stock", "chacha20"):
-            os.environ[MASKS_ENV] = masks
+        for variant in ("off", "flower-stock", "chacha20"):
+            os.environ[MASKS_ENV] = "chacha20" if variant == "off" else variant
             with tempfile.TemporaryDirectory() as tmp:
                 cfg = FederationConfig(sites=sites, rounds=rounds, synthetic_bags=120,
-                                       out=os.path.join(tmp, "run"))
+                                       secagg=variant != "off", out=os.path.join(tmp, "run"))
                 summary = simulate(cfg)
-            per_round[masks] = summary["wall_time_s"] / rounds
+            per_round[variant] = summary["wall_time_s"] / rounds
         os.environ.pop(MASKS_ENV, None)
-        table.add_row(str(sites), f"{per_round['flower-stock']:.2f}",
+        table.add_row(str(sites), f"{per_round['off']:.2f}", f"{per_round['flower-stock']:.2f}",
                       f"{per_round['chacha20']:.2f}",
-                      f"{per_round['chacha20'] / per_round['flower-stock']:.2f}x")
+                      f"{per_round['chacha20'] / per_round['flower-stock']:.2f}x",
+                      f"{per_round['chacha20'] / per_round['off']:.2f}x")
     return table
 
 
@@ -93,12 +99,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sites", type=int, nargs="+", default=[3, 10, 30])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--num-shares", type=float, default=1.0,
+                        help="secagg-num-shares: a fraction of the sites, or a count > 2")
     parser.add_argument("--skip-cost", action="store_true", help="no SecAgg+ vs plain table")
     parser.add_argument("--skip-masks", action="store_true", help="no hardened vs stock tables")
     args = parser.parse_args(argv)
     console = Console()
     if not args.skip_cost:
-        console.print(round_cost(args.sites, args.sizes, args.rounds))
+        console.print(round_cost(args.sites, args.sizes, args.rounds, args.num_shares))
     if not args.skip_masks:
         console.print(mask_throughput(args.sizes, args.repeats))
         console.print(round_times([s for s in args.sites if s <= 10], args.rounds))

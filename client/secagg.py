@@ -1,11 +1,13 @@
 """The client side of PathFed's one seam around Flower's SecAgg+.
 
 Flower's ``secaggplus_mod`` does the whole client protocol (key agreement, Shamir shares,
-masking). PathFed changes one thing: the function that expands a seed into masks, which in
-Flower 1.42 is a 32-bit-seeded ``numpy.random.RandomState``. :func:`secaggplus_mod` wraps
-Flower's mod, swaps that function for :func:`common.crypto.expand_masks` and binds the
-round (the message's group id) into the nonce. ``server/secagg.py`` does the same on the
-server; both check that Flower's internals are where this seam expects them.
+masking). PathFed changes two things: the function that expands a seed into masks, which in
+Flower 1.42 is a 32-bit-seeded ``numpy.random.RandomState``, and the encoding of the masked
+vector (``int64`` in Flower, ``uint32`` here: half the bytes). :func:`secaggplus_mod` wraps
+Flower's mod, swaps the mask function for :func:`common.crypto.expand_masks`, binds the
+round (the message's group id) into the nonce, and swaps the encoder for
+:func:`packed_encode`. ``server/secagg.py`` does the same on the server; both check that
+Flower's internals are where this seam expects them.
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+from typing import cast
 
 import flwr
 import numpy as np
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import bytes_to_ndarray, ndarray_to_bytes
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from common.crypto import install_generator, mask_round
 
@@ -31,6 +33,7 @@ _flwr_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggpl
 
 FLOWER_SERIES = "1.42."
 _STOCK = getattr(_flwr_mod, "pseudo_rand_gen", None)
+_STOCK_ENCODE = getattr(_flwr_mod, "ndarray_to_bytes", None)
 
 
 def check_flower_internals() -> None:
@@ -42,6 +45,8 @@ def check_flower_internals() -> None:
         problems.append("flwr.client.mod.secure_aggregation.secaggplus_mod.pseudo_rand_gen is gone")
     elif list(inspect.signature(_STOCK).parameters) != ["seed", "num_range", "dimensions_list"]:
         problems.append(f"pseudo_rand_gen has a new signature {inspect.signature(_STOCK)}")
+    if _STOCK_ENCODE is None:
+        problems.append("secaggplus_mod.ndarray_to_bytes is gone")
     if problems:
         raise RuntimeError(
             "PathFed's SecAgg+ mask seam (client/secagg.py) no longer fits Flower: "
@@ -50,8 +55,10 @@ def check_flower_internals() -> None:
 
 
 def install_hardened_masks() -> None:
-    """Make Flower's client SecAgg+ mod expand masks with PathFed's generator."""
+    """Make Flower's client SecAgg+ mod expand masks with PathFed's generator and send its
+    masked vector as ``uint32`` (:func:`packed_encode`)."""
     install_generator(_flwr_mod, _STOCK, check_flower_internals)
+    _flwr_mod.ndarray_to_bytes = packed_encode
 
 
 def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
@@ -66,24 +73,19 @@ def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
     install_hardened_masks()
     token = mask_round.set(int(msg.metadata.group_id or 0))
     try:
-        reply = _flwr_mod.secaggplus_mod(msg, ctxt, call_next)
+        return _flwr_mod.secaggplus_mod(msg, ctxt, call_next)
     finally:
         mask_round.reset(token)
-    if reply.has_content():
-        pack_masked_vector(reply.content)
-    return reply
 
 
-def pack_masked_vector(content: RecordDict) -> None:
-    """Send the masked vector as ``uint32``, not Flower's ``int64``: half the bytes.
+def packed_encode(array: np.ndarray) -> bytes:
+    """Flower's ``ndarray_to_bytes`` for the masked vector, as ``uint32`` rather than ``int64``.
 
-    Masked values lie in ``[0, modulus)`` with a power-of-two modulus of at most ``2**32``,
-    so they fit 32 bits exactly; the server seam widens them back before summing.
+    Masked values lie in ``[0, modulus)`` with a power-of-two modulus of at most ``2**32``
+    (Flower's own limit), so they fit 32 bits exactly: half the bytes on the wire. The
+    server seam widens them back before Flower sums them.
     """
-    configs = content.config_records.get(RECORD_KEY_CONFIGS)
-    if configs is None or Key.MASKED_PARAMETERS not in configs:
-        return
-    arrays = [bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]  # type: ignore
-    if any(a.size and (a.min() < 0 or a.max() >= 2**32) for a in arrays):
-        return  # not a modulus Flower allows; leave Flower's encoding alone
-    configs[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a.astype(np.uint32)) for a in arrays]
+    assert _STOCK_ENCODE is not None
+    if array.dtype.kind in "iu" and array.size and array.min() >= 0 and array.max() < 2**32:
+        array = array.astype(np.uint32)
+    return cast(bytes, _STOCK_ENCODE(array))

@@ -2,8 +2,9 @@
 
 Everything of the protocol is Flower's ``SecAggPlusWorkflow``. PathFed swaps the mask
 expansion (``pseudo_rand_gen``, a 32-bit-seeded ``RandomState`` in Flower 1.42) for
-:func:`common.crypto.expand_masks`, binds the round into the nonce, and logs why sites
-dropped out. The client side is ``client/secagg.py``.
+:func:`common.crypto.expand_masks`, binds the round into the nonce, reads the ``uint32``
+masked vectors the client seam sends, and logs why sites dropped out. The client side is
+``client/secagg.py``.
 """
 
 from __future__ import annotations

@@ -148,10 +148,9 @@ def test_metrics(cfg: FederationConfig, weights: list[np.ndarray], emb: Embedded
 def train_inprocess(cfg: FederationConfig, files: list[Path]) -> tuple[list[np.ndarray],
                                                                        dict[str, float]]:
     """FedAvg over the given site files (one file: local training); final weights, epsilons."""
+    from common.data import load_site_file
     from common.fedavg import run_inprocess
     from common.site import Site
-
-    from common.data import load_site_file
 
     trained = [f for f in files if len(load_site_file(f).train)]
     if not trained:

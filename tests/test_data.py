@@ -148,6 +148,7 @@ def test_folder_of_site_files_gives_each_site_its_own(tmp_path: Path) -> None:
         save_site_file(synthetic_site(i, n_bags=12), tmp_path / f"site-{i}.npz")
     for i in range(3):
         assert load_site(i, 3, str(tmp_path), 0, 0.3).name == f"site-{i}"
-    assert feature_dim(FederationConfig(data=str(tmp_path))) == synthetic_site(0, n_bags=4).train.dim
+    dim = synthetic_site(0, n_bags=4).train.dim
+    assert feature_dim(FederationConfig(data=str(tmp_path))) == dim
     with pytest.raises(DataError, match="3 site files.*sites = 3"):
         load_site(0, 4, str(tmp_path), 0, 0.3)

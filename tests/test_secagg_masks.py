@@ -131,30 +131,28 @@ def test_seam_fails_loudly_when_flower_moves(monkeypatch: pytest.MonkeyPatch) ->
 def test_masked_vectors_travel_as_uint32_and_sum_as_flower_would() -> None:
     """Client packs masked values (in [0, 2**32)) as uint32: half of Flower's int64 bytes;
     the server seam widens them back, so Flower's modular sum is unchanged."""
-    from flwr.app import ConfigRecord, RecordDict
-    from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+    from flwr.common import ndarray_to_bytes
     from flwr.common.secure_aggregation.ndarrays_arithmetic import (
         parameters_addition,
         parameters_mod,
     )
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
     rng = np.random.default_rng(0)
     vectors = [[rng.integers(0, 2**32, size=n, dtype=np.int64) for n in (1, 1000)]
                for _ in range(3)]
     expected = parameters_mod(
         parameters_addition(parameters_addition(vectors[0], vectors[1]), vectors[2]), 2**32)
+    client_seam.install_hardened_masks()
     server_seam.install_hardened_masks()
     total = None
     for vec in vectors:
-        stock = [ndarray_to_bytes(a) for a in vec]
-        content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.MASKED_PARAMETERS: stock})})
-        client_seam.pack_masked_vector(content)
-        packed = content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
-        assert sum(map(len, packed)) < 0.55 * sum(map(len, stock))
-        assert bytes_to_ndarray(packed[1]).dtype == np.uint32
+        packed = [client_seam._flwr_mod.ndarray_to_bytes(a) for a in vec]
+        assert sum(map(len, packed)) < 0.55 * sum(len(ndarray_to_bytes(a)) for a in vec)
         decoded = [server_seam._flwr_workflow.bytes_to_ndarray(b) for b in packed]
         assert all(d.dtype == np.int64 for d in decoded)
         total = decoded if total is None else parameters_addition(total, decoded)
     for got, want in zip(parameters_mod(total, 2**32), expected):
         np.testing.assert_array_equal(got, want)
+    # anything that does not fit 32 bits keeps Flower's encoding
+    wide = np.array([-1, 2**33], dtype=np.int64)
+    assert client_seam.packed_encode(wide) == ndarray_to_bytes(wide)
