@@ -271,6 +271,13 @@ def table(out: Path, results_md: Path | None) -> str:
             f"{s['auc'][0]:.3f} ± {s['auc'][1]:.3f} | {s['accuracy_repeat_sd']:.3f} / "
             f"{s['auc_repeat_sd']:.3f} | {s['folds']} x {s['repeats']} | "
             f"`python -m simulations.paper {s['row']}{eps}` |")
+        if s["row"] == "hospitals":
+            for h in sorted({r["hospital"] for r in s["results"]}):
+                one = _mean_std([r for r in s["results"] if r["hospital"] == h])
+                lines.append(
+                    f"| &nbsp;&nbsp;hospital {h} alone | {one['accuracy'][0]:.3f} ± "
+                    f"{one['accuracy'][1]:.3f} | {one['auc'][0]:.3f} ± {one['auc'][1]:.3f} | "
+                    f"{one['accuracy_repeat_sd']:.3f} / {one['auc_repeat_sd']:.3f} | | |")
     text = "\n".join(lines)
     _plot(rows, out / "auc-vs-epsilon.png")
     if results_md is not None:
@@ -284,24 +291,32 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for secagg, marker, label in ((False, "o", "federated + DP"),
-                                  (True, "s", "federated + DP + SecAgg+")):
-        pts = sorted((s["epsilon"], s["auc"]) for s in rows if s["dp"] and s["secagg"] == secagg)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for secagg, marker, shift, label in ((False, "o", 1.0, "federated + DP"),
+                                         (True, "s", 1.06, "federated + DP + SecAgg+")):
+        pts = sorted((s["epsilon"], s["auc"][0], s["auc_repeat_sd"]) for s in rows
+                     if s["dp"] and s["secagg"] == secagg)
         if pts:
-            ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts],
-                        yerr=[p[1][1] for p in pts], marker=marker, capsize=3, label=label)
+            ax.errorbar([p[0] * shift for p in pts], [p[1] for p in pts],
+                        yerr=[p[2] for p in pts], marker=marker, capsize=3, label=label)
     for s in rows:
         if not s["dp"]:
             ax.axhline(s["auc"][0], linestyle="--", linewidth=1, label=LABELS[s["row"]],
                        color={"central": "k", "hospitals": "tab:red",
                               "federated": "tab:green"}[s["row"]])
+    gated = PAPER["Ilse et al. 2018, gated attention-MIL, CNN trained end to end (paper)"]
+    ax.axhline(gated["auc"][0], linestyle=":", color="tab:purple", linewidth=1,
+               label="Ilse et al. 2018, gated attention (paper, central)")
     ax.axhline(0.5, color="grey", linewidth=0.5)
     ax.set_xscale("log")
-    ax.set_xlabel("epsilon per hospital (delta 1e-5)")
-    ax.set_ylabel("test AUC (mean over folds)")
+    eps = sorted({s["epsilon"] for s in rows if s["dp"]})
+    ax.set_xticks(eps, [f"{e:g}" for e in eps])
+    ax.minorticks_off()
+    ax.set_xlabel("epsilon per hospital (delta 1e-5, one image = one DP sample)")
+    ax.set_ylabel("test AUC (bars: sd of repeat means)")
     ax.set_title("UCSB breast, gated attention-MIL, 5 hospitals")
-    ax.legend(fontsize=7)
+    ax.set_ylim(0.25, 0.9)
+    ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -48,6 +48,8 @@ def test_rows_run_on_the_same_folds_and_make_the_table(tmp_path: Path) -> None:
                                  patch_size=16)
     central = paper.run_row("central", data, out, cfg, folds=2, repeats=1, epsilon=None)
     dp = paper.run_row("dp", data, out, cfg, folds=2, repeats=1, epsilon=3.0)
+    alone = paper.run_row("hospitals", data, out, cfg, folds=2, repeats=1, epsilon=None)
+    assert {r["hospital"] for r in alone["results"]} == set(range(5))
     assert len(central["results"]) == len(dp["results"]) == 2
     assert [r["n_test"] for r in central["results"]] == [r["n_test"] for r in dp["results"]]
     for r in dp["results"]:  # every hospital spent (almost exactly) its budget
@@ -59,6 +61,7 @@ def test_rows_run_on_the_same_folds_and_make_the_table(tmp_path: Path) -> None:
     results.write_text(f"# R\n{paper.START}\nOLD-TABLE\n{paper.END}\ntail\n")
     text = paper.table(out, results)
     assert "Federated + DP, eps 3 per hospital" in text and "Central" in text
+    assert "hospital 4 alone" in text
     doc = results.read_text()
     assert "OLD-TABLE" not in doc and doc.endswith("tail\n") and text in doc
     assert (out / "auc-vs-epsilon.png").stat().st_size > 1000
