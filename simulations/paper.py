@@ -165,12 +165,30 @@ def train_inprocess(cfg: FederationConfig, files: list[Path]) -> tuple[list[np.n
 
 def train_flower(cfg: FederationConfig, folder: Path, run: Path) -> tuple[list[np.ndarray],
                                                                           dict[str, float]]:
-    """The federation through Flower's simulation engine; the last global checkpoint."""
+    """The federation through Flower's simulation engine; the last global checkpoint.
+
+    A fold whose run already finished with the same configuration is reused, so an
+    interrupted row picks up where it stopped; an unfinished one is started again.
+    """
+    import shutil
+
     from common.runs import RunFolder, load_checkpoint
     from simulations.simulate import simulate
 
-    summary = simulate(cfg.model_copy(update={"data": str(folder), "sites": HOSPITALS,
-                                              "out": str(run)}))
+    cfg = cfg.model_copy(update={"data": str(folder), "sites": HOSPITALS, "out": str(run)})
+    done = run / "summary.json"
+
+    def settings(config: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in config.items() if k != "keys"}  # made by simulate()
+
+    same = (run / "config.json").is_file() and settings(json.loads(
+        (run / "config.json").read_text())) == settings(json.loads(json.dumps(
+            cfg.to_run_config())))
+    if done.is_file() and same:
+        summary = json.loads(done.read_text())
+    else:
+        shutil.rmtree(run, ignore_errors=True)
+        summary = simulate(cfg)
     latest = RunFolder(run).latest_checkpoint()
     if latest is None:
         raise RuntimeError(f"{run}: the federation wrote no checkpoint")

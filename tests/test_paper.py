@@ -79,3 +79,9 @@ def test_secagg_row_runs_through_flower(tmp_path: Path) -> None:
     runs = sorted((tmp_path / "out" / "runs" / "dp-secagg-eps8").glob("repeat0-fold*"))
     summary = json.loads((runs[0] / "summary.json").read_text())
     assert summary["secagg"] and summary["sites"] == 5
+    # run again: finished folds are reused, not trained again
+    before = (runs[0] / "summary.json").stat().st_mtime_ns
+    again = paper.run_row("dp-secagg", data, tmp_path / "out", cfg, folds=2, repeats=1,
+                          epsilon=8.0)
+    assert (runs[0] / "summary.json").stat().st_mtime_ns == before
+    assert again["results"] == row["results"]
