@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +41,12 @@ def run(sites: int, n_params: int, rounds: int, secagg: bool, work: Path,
     from flwr.server import LegacyContext, ServerApp, ServerConfig
     from flwr.server.strategy import FedAvg
     from flwr.server.workflow import DefaultWorkflow
-    from flwr.simulation import run_simulation
 
     from client.secagg import secaggplus_mod
     from common.config import FederationConfig
     from server.secagg import make_secagg_workflow
-    from simulations.simulate import FLOWER_ENV, quiet_flower
+    from simulations.simulate import quiet_flower, run_apps
 
-    os.environ.update(FLOWER_ENV)
     bytes_log = work / f"bytes-{sites}-{n_params}-{int(secagg)}.jsonl"
     bytes_log.unlink(missing_ok=True)
     os.environ[BYTES_ENV] = str(bytes_log)
@@ -90,14 +87,7 @@ def run(sites: int, n_params: int, rounds: int, secagg: bool, work: Path,
                        mods=[_measure_bytes] + ([secaggplus_mod] if secagg else []))
     quiet_flower()
     logging.getLogger("server.secagg").setLevel(logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(server_app=server, client_app=client, num_supernodes=sites,
-                       backend_config={  # type: ignore[arg-type]
-                           "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                           "init_args": {"num_cpus": os.cpu_count() or 1, "num_gpus": 0,
-                                         "include_dashboard": False,
-                                         "logging_level": logging.ERROR}})
+    run_apps(server, client, sites)
     done = [end - start for start, end in spans[1:] if end == end]
     if len(done) < rounds - 1:
         raise RuntimeError(f"{sites} sites, {n_params:,} values, secagg={secagg}: only "

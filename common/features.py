@@ -111,12 +111,12 @@ class TorchEncoder:
     ) -> None:
         import torch
 
-        self.module = module.to(device).eval()
+        self.module = module.eval()
         self.name, self.weights_hash, self.batch_size = name, weights_hash, batch_size
-        self.device = torch.device(device)
         self._embed = embed or self.module
-        self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self._mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self._std = torch.tensor(std).view(1, 3, 1, 1)
+        self.to(device)
         probe = np.zeros((1, probe_size, probe_size, 3), dtype=np.uint8)
         self.dim = int(self._forward(probe).shape[1])
 

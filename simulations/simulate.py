@@ -42,6 +42,24 @@ def quiet_flower(verbose: bool = False) -> None:
         flower.addFilter(_DropDeprecation())
 
 
+def run_apps(server_app: Any, client_app: Any, sites: int, num_cpus: int | None = None) -> None:
+    """Run a ServerApp and ClientApp in Flower's simulation engine: ``sites`` virtual
+    sites, one CPU each, on ``num_cpus`` CPUs (all by default)."""
+    from flwr.simulation import run_simulation
+
+    os.environ.update(FLOWER_ENV)
+    cpus = num_cpus or os.cpu_count() or 1
+    backend_config = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
+                      "logging_level": logging.ERROR},
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=sites,
+                       backend_config=backend_config)  # type: ignore[arg-type]
+
+
 def simulate(cfg: FederationConfig, num_cpus: int | None = None,
              verbose: bool = False) -> dict[str, Any]:
     """Run ``cfg`` with ``cfg.sites`` virtual hospitals; return the run's summary."""
@@ -58,25 +76,11 @@ def simulate(cfg: FederationConfig, num_cpus: int | None = None,
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out) / "summary.json").unlink(missing_ok=True)
 
-    from flwr.simulation import run_simulation
-
     from client.app import make_client_app
     from server.app import make_server_app
 
     quiet_flower(verbose)
-
-    cpus = num_cpus or os.cpu_count() or 1
-    backend_config = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
-                      "logging_level": logging.ERROR},
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(
-            server_app=make_server_app(cfg), client_app=make_client_app(cfg.secagg),
-            num_supernodes=cfg.sites, backend_config=backend_config,  # type: ignore[arg-type]
-        )
+    run_apps(make_server_app(cfg), make_client_app(cfg.secagg), cfg.sites, num_cpus)
     summary_path = Path(cfg.out) / "summary.json"
     if not summary_path.exists():
         raise RuntimeError(f"the federation ended without writing {summary_path}; see the log")
