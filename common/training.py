@@ -121,13 +121,19 @@ def local_train(
     plan: DPPlan | None = None,
     accountant: SiteAccountant | None = None,
     seed: int | None = None,
+    max_grad_norm: float | None = None,
+    noise: str = "seeded",
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` for ``epochs``; DP-SGD when ``plan`` is given.
 
     With DP, Opacus samples batches by Poisson sampling, clips each slide's gradient to
     ``plan.max_grad_norm`` and adds Gaussian noise; ``accountant`` (the site's persistent
     accountant) records every step. ``seed`` makes sampling and noise reproducible
-    (simulations); ``None`` draws them from the OS.
+    (simulations); ``None`` draws them from the OS. Without DP, ``max_grad_norm`` clips
+    each batch's gradient, so that every site's update obeys
+    :func:`update_value_bound` (the bound the server checks). ``noise`` names where DP
+    noise comes from: ``"csprng"`` draws it from ChaCha20 keyed by the OS
+    (:func:`common.privacy.use_csprng_noise`), otherwise from ``generator``.
     """
     start = get_weights(model)
     generator = torch.Generator()
@@ -160,6 +166,10 @@ def local_train(
         # Opacus' loader builds its own sampler generator; seed it as well.
         if seed is not None:
             loader.batch_sampler.generator = generator  # type: ignore[union-attr]
+        if noise == "csprng":
+            from common.privacy import use_csprng_noise
+
+            use_csprng_noise(opt)
     train_model.train()
     losses, steps = [], 0
     with warnings.catch_warnings():
@@ -175,6 +185,8 @@ def local_train(
                 else:
                     loss = _mean_loss(model, batch)
                     loss.backward()
+                    if plan is None and max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                 opt.step()
                 steps += 1
                 if batch[-1].numel():

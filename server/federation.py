@@ -19,7 +19,7 @@ from common.runs import RunFolder, default_run_dir, load_checkpoint, read_metric
 from common.site import initial_model
 from common.training import get_weights
 from server.secagg import make_secagg_workflow
-from server.strategy import PathFedStrategy
+from server.strategy import FederationAborted, PathFedStrategy
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def open_ledger(cfg: FederationConfig, run: RunFolder, weights: list[Any]) -> Le
 def run_federation(grid: Grid, context: Context, cfg: FederationConfig) -> dict[str, Any]:
     """Run ``cfg.rounds`` rounds over the sites ``grid`` reaches; write the run folder."""
     key = load_key()
-    run = RunFolder(cfg.out or default_run_dir(), checkpoint_key=key)
+    run = RunFolder(cfg.out or default_run_dir(), checkpoint_key=key, run_id=cfg.run_id)
     model = initial_model(cfg)
     names = list(model.state_dict().keys())
     weights, done, history = get_weights(model), 0, []
@@ -50,7 +50,7 @@ def run_federation(grid: Grid, context: Context, cfg: FederationConfig) -> dict[
                           "(`resume = true`, `pathfed run --resume`) or choose another out")
     if latest and cfg.resume:
         done, path = latest
-        saved = load_checkpoint(path, key)
+        saved = load_checkpoint(path, key, cfg.run_id)
         weights = [saved[name] for name in names]
         history = [r for r in read_metrics(run.path)
                    if r["site"] == "global" and r["round"] <= done]
@@ -71,22 +71,45 @@ def run_federation(grid: Grid, context: Context, cfg: FederationConfig) -> dict[
              f"on (epsilon={cfg.epsilon:g}, delta={cfg.delta:g})" if cfg.dp else "OFF",
              "on" if cfg.secagg else "OFF", "AES-256-GCM" if key else "plain", run.path)
     start = time.perf_counter()
-    DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+    error = None
+    try:
+        DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+    except FederationAborted as err:
+        error = str(err)
+        log.error("federation stopped: %s", err)
     last = strategy.history[-1] if strategy.history else {}
+    models = done + strategy.models
     summary = {
         "rounds": len(strategy.history), "rounds_planned": cfg.rounds,
+        "rounds_with_model": models,
         "auc": last.get("val_auc"), "accuracy": last.get("val_accuracy"),
         "balanced_accuracy": last.get("val_balanced_accuracy"),
         "val_loss": last.get("val_loss"),
         "epsilon": dict(sorted(strategy.epsilon.items())), "delta": cfg.delta,
         "dp": cfg.dp, "secagg": cfg.secagg, "sites": cfg.sites, "model": cfg.model,
-        "data": cfg.data or "synthetic", "seed": cfg.seed,
+        "data": cfg.data or "synthetic", "seed": cfg.seed, "run_id": cfg.run_id,
         "exhausted_sites": strategy.exhausted,
         "wall_time_s": round(time.perf_counter() - start, 2),
         "checkpoint": str(latest[1].relative_to(run.path))
         if (latest := run.latest_checkpoint()) else None,
         "checkpoints_encrypted": key is not None,
+        "error": error,
     }
+    if ledger is not None:
+        ledger.end(rounds=models, last_round=strategy.last_round,
+                   global_weights=strategy.global_weights, summary=_jsonable(summary))
     run.write_json("summary.json", summary)
+    if not models:
+        log.error("no round produced a global model; see the warnings above (run folder %s)",
+                  run.path)
     log.info("results in %s (summary.json, metrics.jsonl, checkpoints/)", run.path)
     return summary
+
+
+def _jsonable(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary as ``summary.json`` will hold it (NaN as null), for its ledger hash."""
+    import json
+
+    from common.runs import json_safe
+
+    return dict(json.loads(json.dumps(json_safe(summary))))

@@ -90,18 +90,40 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
         ok = super().setup_stage(grid, context, state)
+        from server.strategy import failure_reason
+
         for failure in state.failures:
-            log.warning("site left secure aggregation at setup: %s", failure)
+            log.warning("site left secure aggregation at setup: %s", failure_reason(failure))
+        if not ok:
+            log.warning("SecAgg+ setup failed (%d site(s) answered; the reconstruction "
+                        "threshold needs more): no update this round",
+                        len(state.active_node_ids))
         return cast(bool, ok)
 
     def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext,
                                      state: Any) -> bool:
         before = set(state.active_node_ids)
+        shapes = getattr(context.strategy, "shapes", None)
+        if shapes is not None:  # the weight factor, then the model's arrays
+            grid = cast(Grid, _ShapeCheckingGrid(
+                grid, [(1,), *shapes], getattr(context.strategy, "node_site", {})))
+        failed_before = len(state.failures)
         ok = super().collect_masked_vectors_stage(grid, context, state)
         dropped = before - state.active_node_ids
-        if dropped:
+        from server.strategy import FederationAborted, failure_reason
+
+        reasons = [failure_reason(f) for f in state.failures[failed_before:]]
+        for reason in reasons:
+            log.warning("a site failed in training: %s", reason)
+        getattr(context.strategy, "failures", []).extend(reasons)
+        if dropped and state.active_node_ids:
             log.warning("%d site(s) dropped before sending masked updates; their masks are "
                         "recovered from shares", len(dropped))
+        strategy = context.strategy
+        if not state.active_node_ids and reasons and getattr(strategy, "models", 1) == 0 \
+                and getattr(strategy, "last_round", 0) == getattr(strategy, "round_offset", 0) + 1:
+            raise FederationAborted(f"round {strategy.last_round}: every site failed, nothing "
+                                    f"was trained; first failure: {reasons[0]}")
         return cast(bool, ok)
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
@@ -111,6 +133,58 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
             return cast(bool, super().unmask_stage(grid, context, state))
         finally:
             mask_round.reset(token)
+
+
+class _ShapeCheckingGrid:
+    """The grid, for the masked-vector stage only: a reply whose masked vector does not
+    have the model's shapes is named and dropped, so Flower recovers that site's masks as
+    for a dropout instead of failing (or summing garbage) on the whole round."""
+
+    def __init__(self, grid: Grid, shapes: list[tuple[int, ...]],
+                 names: dict[int, str]) -> None:
+        self._grid, self._shapes, self._names = grid, [tuple(s) for s in shapes], names
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        from flwr.common.secure_aggregation.secaggplus_constants import (
+            RECORD_KEY_CONFIGS,
+            Key,
+        )
+
+        kept = []
+        for msg in self._grid.send_and_receive(messages, *args, **kwargs):
+            if not msg.has_error():
+                problem = None
+                try:
+                    raw = msg.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+                    got = [tuple(_widening_decode(b).shape) for b in cast(list, raw)]
+                    if got != self._shapes:
+                        problem = (f"{len(got)} arrays, first {got[:2]}; expected "
+                                   f"{len(self._shapes)}, first {self._shapes[:2]}")
+                except Exception as err:  # noqa: BLE001 (any malformed reply is dropped)
+                    problem = f"unreadable ({err.__class__.__name__}: {err})"
+                if problem:
+                    node = msg.metadata.src_node_id
+                    log.warning("SecAgg+: %s (node %d) sent a masked vector of the wrong "
+                                "shape (%s); it is left out of the round like a dropout",
+                                self._names.get(node) or _claimed_site(msg) or "a site",
+                                node, problem)
+                    continue
+            kept.append(msg)
+        return kept
+
+
+def _claimed_site(msg: Any) -> str | None:
+    """The site name a reply's own metrics give (before the server has mapped the node)."""
+    import flwr.compat.common.recorddict_compat as compat
+
+    try:
+        site = compat.recorddict_to_fitres(msg.content, keep_input=True).metrics.get("site")
+    except Exception:  # noqa: BLE001
+        return None
+    return site if isinstance(site, str) else None
 
 
 def make_secagg_workflow(cfg: FederationConfig) -> HardenedSecAggPlusWorkflow:
