@@ -1,14 +1,15 @@
 """Flower ClientApp: a hospital trains locally with DP-SGD and reports to the server.
 
 Thin by design: messages are translated into calls of :class:`common.site.Site`. The site's
-accountant state is kept in the node's Flower context between rounds (and, in deployment,
-also on disk), never re-created.
+privacy state (:class:`common.privacy.store.SiteStore`: every run's accountant) is kept on
+the site's disk (deployment: the node config's ``state-dir``; ``pathfed simulate``: beside
+the run folder), or in the node's Flower context under ``flwr run .``; never re-created.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,6 @@ from flwr.clientapp import ClientApp
 
 from client.secagg import secaggplus_mod
 from common.config import FederationConfig
-from common.runs import atomic_write
 
 if TYPE_CHECKING:
     from common.site import Site
@@ -28,34 +28,49 @@ log = logging.getLogger(__name__)
 logging.getLogger("flwr").setLevel(logging.INFO)
 
 STATE_KEY = "pathfed-site"
+SERVER_KEYS = ("server-round", "ledger-run")
+"""Per-round keys of the server's config that are not settings of the federation."""
 
 
-def _state_file(context: Context, cfg: FederationConfig) -> Path | None:
-    """Where a deployed site keeps its state on disk (it outlives any process)."""
-    folder = context.node_config.get("state-dir")
-    if not folder:
-        return None
-    return Path(str(folder)) / f"site-state-{cfg.run_id or 'default'}.json"
+def _flag(value: object) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
-def _site(context: Context, config: dict[str, Any]) -> Site:
+def _site(context: Context, config: dict[str, Any], state_root: Path | None = None) -> Site:
     # torch and Opacus load here, not at import: in deployment every message starts a
     # fresh ClientApp process, and three of SecAgg+'s four stages need no model.
+    from common.privacy.store import SiteStore
     from common.site import Site
 
     cfg = FederationConfig.from_mapping(
-        {k: v for k, v in config.items() if k != "server-round"}, "server config"
+        {k: v for k, v in config.items() if k not in SERVER_KEYS}, "server config"
     )
     node = context.node_config
     index = int(node.get("partition-id", 0))
-    name = str(node["site-name"]) if "site-name" in node else None
+    name = str(node["site-name"]) if "site-name" in node else f"site-{index}"
     data = str(node["data-path"]) if "data-path" in node else None
-    record = context.state.config_records.get(STATE_KEY)
-    state = json.loads(str(record["state"])) if record else None
-    path = _state_file(context, cfg)
-    if path is not None and path.is_file():
-        state = json.loads(path.read_text())  # the disk copy survives restarts
-    return Site(cfg, index, name=name, data=data, state=state)
+    deployed = "site-name" in node
+    if deployed:
+        # A deployed site decides its own noise: a CSPRNG unless its own node config
+        # asks for seeded noise; what the server sends (`deterministic`) is ignored.
+        noise = "seeded" if _flag(node.get("deterministic-noise", "false")) else "csprng"
+        if cfg.deterministic and noise == "csprng":
+            log.info("%s: the server asked for seeded noise; this site draws its noise from "
+                     "a CSPRNG (set deterministic-noise in its node config to change that)",
+                     name)
+    else:
+        noise = "seeded" if cfg.deterministic else "csprng"
+    folder = node.get("state-dir")
+    if folder:
+        store = SiteStore(name, Path(str(folder)))
+    elif state_root is not None:
+        store = SiteStore(name, state_root / name)
+    else:  # `flwr run .` simulation: the node's Flower context keeps the state
+        record = context.state.config_records.get(STATE_KEY)
+        store = SiteStore(name, text=str(record["state"]) if record else None)
+    lifetime = float(node.get("lifetime-epsilon", math.inf))
+    return Site(cfg, index, name=name, data=data, store=store, lifetime_budget=lifetime,
+                noise=noise)
 
 
 def _ledger_key(context: Context, site: Site) -> Path | None:
@@ -70,48 +85,44 @@ def _ledger_key(context: Context, site: Site) -> Path | None:
     return None
 
 
-def _save(context: Context, site: Site) -> None:
-    text = json.dumps(site.state())
-    context.state.config_records[STATE_KEY] = ConfigRecord({"state": text})
-    path = _state_file(context, site.cfg)
-    if path is not None:
-        atomic_write(path, text.encode())
-
-
 class HospitalClient(NumPyClient):
     """Translates Flower's fit/evaluate calls into one site's local work."""
 
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: Context, state_root: Path | None = None) -> None:
         self.context = context
+        self.state_root = state_root
 
     def fit(self, parameters: list, config: dict[str, Any]) -> tuple[list, int, dict]:
         import torch
 
         torch.set_num_threads(1)
-        site = _site(self.context, config)
-        server_round = int(config.get("server-round", 0))
-        report = site.train(parameters, server_round)
-        key = _ledger_key(self.context, site)
-        if key is not None:
-            from common.ledger import LEDGER_METRIC
-
-            report.metrics[LEDGER_METRIC] = site.signed_record(report, parameters,
-                                                               server_round, key)
-        _save(self.context, site)
+        site = _site(self.context, config, self.state_root)
+        report = site.round(parameters, int(config.get("server-round", 0)),
+                            _ledger_key(self.context, site),
+                            str(config["ledger-run"]) if "ledger-run" in config else None)
+        if site.store is not None and site.store.folder is None:
+            self.context.state.config_records[STATE_KEY] = ConfigRecord(
+                {"state": site.store.dumps()})
         return report.update, report.n_samples, report.metrics
 
     def evaluate(self, parameters: list, config: dict[str, Any]) -> tuple[float, int, dict]:
-        site = _site(self.context, config)
+        site = _site(self.context, config, self.state_root)
         counts, metrics = site.evaluate(parameters)
         return float(counts.loss) if counts.n else 0.0, counts.n, metrics
 
 
-def client_fn(context: Context) -> Client:
-    return HospitalClient(context).to_client()
+def make_client_app(secagg: bool = True, state_root: str | Path | None = None) -> ClientApp:
+    """The ClientApp, with Flower's SecAgg+ mod (hardened masks) when ``secagg``.
 
+    ``state_root``: where simulated sites keep their privacy state (``NAME/`` each), so a
+    killed and resumed simulation continues every accountant; deployed sites use the
+    ``state-dir`` of their node config.
+    """
+    root = Path(state_root) if state_root is not None else None
 
-def make_client_app(secagg: bool = True) -> ClientApp:
-    """The ClientApp, with Flower's SecAgg+ mod (hardened masks) when ``secagg``."""
+    def client_fn(context: Context) -> Client:
+        return HospitalClient(context, root).to_client()
+
     return ClientApp(client_fn=client_fn, mods=[secaggplus_mod] if secagg else [])
 
 

@@ -20,7 +20,7 @@ from torch.utils.data import TensorDataset
 
 from common.config import FederationConfig
 from common.data import SiteData, load_site
-from common.errors import ConfigError, PrivacyBudgetExhausted
+from common.errors import ConfigError, PathFedError, PrivacyBudgetExhausted
 from common.metrics import EvalCounts
 from common.models import build_model
 from common.privacy import DPPlan, SiteAccountant, plan_site
@@ -107,14 +107,32 @@ class Site:
         data: the site's own data (a deployed hospital): empty or a path, see
             :func:`common.data.load_site`; all of it belongs to this site. Without it, the
             site takes its share ``index`` of ``cfg.data`` (a simulation).
-        state: what :meth:`state` returned after the previous round, if any.
+        state: what :meth:`state` returned after the previous round, if any (default: the
+            run's state in ``store``).
+        store: the site's privacy state across all its runs
+            (:class:`common.privacy.store.SiteStore`); it gives the accountant of this run,
+            the spend of earlier runs (for ``lifetime_budget``) and replays.
+        lifetime_budget: the most epsilon the site spends over all its runs together.
+        noise: ``"seeded"`` (noise and sampling from ``cfg.seed``, reproducible) or
+            ``"csprng"`` (noise from a CSPRNG keyed by the OS, sampling OS-seeded); by
+            default ``cfg.deterministic`` decides. Deployed sites decide this themselves.
     """
 
     def __init__(self, cfg: FederationConfig, index: int, name: str | None = None,
-                 data: str | None = None, state: dict[str, Any] | None = None) -> None:
+                 data: str | None = None, state: dict[str, Any] | None = None,
+                 store: Any | None = None, lifetime_budget: float = math.inf,
+                 noise: str | None = None) -> None:
+        from common.privacy.store import run_key
+
         self.cfg = cfg
         self.index = index
         self.name = name or f"site-{index}"
+        self.run = run_key(cfg.run_id)
+        self.store = store
+        self.lifetime_budget = lifetime_budget
+        self.noise = noise or ("seeded" if cfg.deterministic else "csprng")
+        if state is None and store is not None:
+            state = store.run_state(self.run)
         share, shares, source = (index, cfg.sites, cfg.data) if data is None else (0, 1, data)
         self.patches = cfg.model == PATCH_MODEL
         if self.patches and not source:
@@ -123,12 +141,15 @@ class Site:
             share, shares, source, cfg.seed, cfg.val_fraction,
             cfg.synthetic_bags, cfg.patch_size, "" if self.patches else cfg.encoder,
         )
+        self._check_data(source)
         # One DP sample is one patient when the data names patients, else one slide.
         self.train_set = self.data.train.by_patient()
         self.max_instances = max([self.data.max_instances]
                                  + [b.shape[0] for b in self.train_set.bags])
         self.accountant = SiteAccountant.from_json((state or {}).get("accountant"),
                                                    cfg.accountant)
+        if store is not None:
+            self.accountant.prior = store.prior_history(self.run)
         self.ledger_prev: str | None = (state or {}).get("ledger_prev")
         self.plan: DPPlan | None = None
         if cfg.dp:
@@ -140,8 +161,26 @@ class Site:
                 accountant=cfg.accountant,
             )
 
+    def _check_data(self, source: str | None) -> None:
+        """A site needs slides of both classes, two at least, with finite features."""
+        from common.errors import DataError
+
+        where = f"{self.name} ({source or 'synthetic data'})"
+        labels = np.concatenate([self.data.train.labels, self.data.val.labels])
+        if len(labels) < 2 or len(self.data.train) < 1:
+            raise DataError(f"{where}: {len(labels)} slide(s); a site needs two at least "
+                            "(one to train, one to validate)")
+        if len(np.unique(labels)) < 2:
+            raise DataError(f"{where}: all {len(labels)} slides are labelled {int(labels[0])}; "
+                            "a site needs slides of both classes (check labels.csv)")
+        for split in (self.data.train, self.data.val):
+            for name, bag in zip(split.names, split.bags):
+                if bag.dtype.kind == "f" and not np.isfinite(bag).all():
+                    raise DataError(f"{where}: slide {name} has NaN or inf features; "
+                                    "re-prepare it or remove it from labels.csv")
+
     def signed_record(self, report: SiteReport, received: NDArrays, server_round: int,
-                      key_path: str | Path) -> str:
+                      key_path: str | Path, ledger_run: str | None = None) -> str:
         """The round's ledger record, signed with the site's key, encoded as a metric.
 
         The record (hashes of the received model and of the update, the DP schedule, the
@@ -155,10 +194,46 @@ class Site:
             report, received, server_round=server_round, site=self.name, plan=self.plan,
             accountant=self.cfg.accountant, privacy_unit=self.privacy_unit,
             secagg=self.cfg.secagg, mask_generator=MASK_GENERATOR if self.cfg.secagg else None,
-            previous=self.ledger_prev)
+            previous=self.ledger_prev, run=ledger_run, noise=self.noise_source)
         signed = sign_record(record, SigningKey.load(key_path), self.name)
         self.ledger_prev = envelope_hash(signed)
         return encode_signed(signed)
+
+    @property
+    def noise_source(self) -> str | None:
+        """Where this site's DP noise comes from (recorded in the ledger)."""
+        if not self.cfg.dp:
+            return None
+        if self.noise == "csprng":
+            from common.crypto.noise import NOISE_SOURCE
+
+            return NOISE_SOURCE
+        return f"seeded: torch.Generator from seed {self.cfg.seed} (reproducible, not secret)"
+
+    def round(self, weights: NDArrays, server_round: int, key_path: str | Path | None = None,
+              ledger_run: str | None = None) -> SiteReport:
+        """One round as the site answers the server: train (or replay the reply already
+        released for this round and model), sign the ledger record, and save the
+        accountant (fsynced) before anything is returned to be sent."""
+        from common.ledger import LEDGER_METRIC, hash_arrays
+
+        received = hash_arrays(weights)
+        if self.store is not None:
+            cached = self.store.replay(self.run, server_round, received)
+            if cached is not None:
+                log.info("%s: round %d from the same global model again (the server "
+                         "restarted): re-sending the reply already released, no new spend",
+                         self.name, server_round)
+                return SiteReport(cached["update"], cached["n_samples"], cached["metrics"])
+        report = self.train(weights, server_round)
+        if key_path is not None:
+            report.metrics[LEDGER_METRIC] = self.signed_record(
+                report, weights, server_round, key_path, ledger_run)
+        if self.store is not None:
+            self.store.save(self.run, self.state(), last={
+                "round": server_round, "received": received, "update": report.update,
+                "n_samples": report.n_samples, "metrics": report.metrics})
+        return report
 
     def state(self) -> dict[str, Any]:
         """Site state to keep between rounds (the accountant's full history)."""
@@ -177,10 +252,25 @@ class Site:
         """Whether one more round fits the site's budget."""
         if self.plan is None:
             return True
-        return self.accountant.projected_epsilon(self.plan) <= self.plan.epsilon_budget * (1 + 1e-9)
+        try:
+            self.accountant.check_next_round(self.plan, self.name, self.lifetime_budget)
+        except PrivacyBudgetExhausted:
+            return False
+        return True
 
     def _model(self, weights: NDArrays) -> torch.nn.Module:
-        model = build_model(self.cfg.model, **model_kwargs(self.cfg, self.data.train.dim))
+        kwargs = model_kwargs(self.cfg, self.data.train.dim)
+        model = build_model(self.cfg.model, **kwargs)
+        own = [tuple(v.shape) for v in model.state_dict().values()]
+        got = [tuple(np.shape(w)) for w in weights]
+        if own != got:
+            size = f"{kwargs['in_dim']} input features" if "in_dim" in kwargs else "its data"
+            theirs = (f"{got[0][-1]} input features" if got and got[0] and "in_dim" in kwargs
+                      else f"{len(got)} arrays")
+            raise ConfigError(
+                f"{self.name}: the server's {self.cfg.model} model has {theirs}, this site's "
+                f"data has {size}: give the run the same data settings as the sites "
+                "(--config with the sites' encoder and data kind)")
         set_weights(model, weights)
         return model
 
@@ -196,25 +286,36 @@ class Site:
     def train(self, weights: NDArrays, server_round: int) -> SiteReport:
         """One local round from the global ``weights``; raise if the budget is spent."""
         if self.plan is not None:
-            self.accountant.check_next_round(self.plan, self.name)
-        if self.cfg.secagg and len(self.train_set) > self.cfg.secagg_max_weight:
+            self.accountant.check_next_round(self.plan, self.name, self.lifetime_budget)
+        if len(self.train_set) > self.cfg.secagg_max_weight:
             raise ConfigError(
                 f"secagg-max-weight: {self.name} has {len(self.train_set)} training samples, "
-                f"more than {self.cfg.secagg_max_weight}; raise secagg-max-weight"
+                f"more than {self.cfg.secagg_max_weight}; raise secagg-max-weight (it bounds "
+                "every site's weight and update)"
             )
         torch.manual_seed(_seed(self.cfg.seed, self.name, server_round, "init"))
         model = self._model(weights)
-        seed = _seed(self.cfg.seed, self.name, server_round) if self.cfg.deterministic else None
+        seed = _seed(self.cfg.seed, self.name, server_round) if self.noise == "seeded" else None
         result = local_train(
             model, self._dataset("train", server_round),
             epochs=self.cfg.local_epochs, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
             optimizer=self.cfg.optimizer, plan=self.plan, accountant=self.accountant, seed=seed,
+            max_grad_norm=self.cfg.max_grad_norm, noise=self.noise,
         )
+        from common.checks import update_bound, update_problem
+
+        problem = update_problem(result.update, [tuple(w.shape) for w in weights],
+                                 update_bound(self.cfg))
+        if problem:
+            raise PathFedError(f"{self.name}: refusing to send this round's update: {problem}; "
+                               "check the site's data (NaN or extreme features) and settings")
         metrics: dict[str, Any] = {
-            "site": self.name, "train_loss": result.loss, "steps": result.steps,
+            "site": self.name, "steps": result.steps,
             "n_train": result.n_samples, "epsilon": result.epsilon, "delta": self.cfg.delta,
             "dp": self.cfg.dp,
         }
+        if self.cfg.release_train_loss:  # an un-noised statistic: only when asked for
+            metrics["train_loss"] = result.loss
         if self.plan is not None:
             metrics.update(
                 noise_multiplier=self.plan.noise_multiplier, sample_rate=self.plan.sample_rate,

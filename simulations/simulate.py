@@ -66,6 +66,14 @@ def simulate(cfg: FederationConfig, num_cpus: int | None = None,
     os.environ.update(FLOWER_ENV)
     if not cfg.out:
         cfg = cfg.model_copy(update={"out": str(default_run_dir())})
+    if not cfg.run_id:
+        # Sites keep their accountants by run id: a resumed run continues its own, a new
+        # run in a reused folder does not inherit an earlier run's.
+        earlier = Path(cfg.out) / "config.json"
+        run_id = ""
+        if cfg.resume and earlier.is_file():
+            run_id = str(json.loads(earlier.read_text()).get("run-id", ""))
+        cfg = cfg.model_copy(update={"run_id": run_id or f"sim-{os.urandom(6).hex()}"})
     if not cfg.keys:
         # Simulated sites' ledger keys, beside (not inside) the run folder that auditors get.
         from common.ledger import make_key_folder
@@ -80,7 +88,11 @@ def simulate(cfg: FederationConfig, num_cpus: int | None = None,
     from server.app import make_server_app
 
     quiet_flower(verbose)
-    run_apps(make_server_app(cfg), make_client_app(cfg.secagg), cfg.sites, num_cpus)
+    # The simulated sites' privacy state, beside the run folder like their keys: a killed
+    # and resumed simulation continues every site's accountant.
+    state_root = Path(f"{cfg.out.rstrip('/')}.sites")
+    run_apps(make_server_app(cfg), make_client_app(cfg.secagg, state_root), cfg.sites,
+             num_cpus)
     summary_path = Path(cfg.out) / "summary.json"
     if not summary_path.exists():
         raise RuntimeError(f"the federation ended without writing {summary_path}; see the log")

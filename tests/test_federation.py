@@ -177,3 +177,60 @@ def test_wsi_demo_runs_on_generated_slides(tmp_path: Path) -> None:
     assert manifest.count(",done,") == 12
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["rounds"] == 1 and summary["dp"] and summary["secagg"]
+
+
+def _leftovers(marker: str) -> list[int]:
+    """Processes (Ray's too) that inherited the marker of a killed run."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker.encode() in (proc / "environ").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_killed_and_resumed_simulation_spends_what_an_uninterrupted_one_does(
+        tmp_path: Path) -> None:
+    """SIGKILL after round 2, resume: every site's epsilon equals the uninterrupted run's
+    (the accountants live on the sites' disks, and a repeated round is replayed)."""
+    import os
+    import signal
+    import time
+
+    args = [sys.executable, "-m", "simulations.cli", "simulate", "--rounds", "4", "--sites",
+            "2", "--seed", "3", "--set", "synthetic-bags=60"]
+    whole = subprocess.run([*args, "--out", str(tmp_path / "whole")], capture_output=True,
+                           text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    marker = f"PATHFED_KILL_TEST={os.urandom(6).hex()}"
+    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([*args, "--out", str(run)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoints" / "round-002.npz").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "run ended early"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for pid in _leftovers(marker):
+            os.kill(pid, signal.SIGKILL)
+    assert not (run / "summary.json").exists()
+    resumed = subprocess.run([*args, "--out", str(run), "--set", "resume=true"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected = json.loads((tmp_path / "whole" / "summary.json").read_text())["epsilon"]
+    got = json.loads((run / "summary.json").read_text())
+    assert got["rounds_with_model"] == 4
+    assert got["epsilon"] == pytest.approx(expected, rel=1e-12), (got["epsilon"], expected)
+    rounds = [r["round"] for r in read_metrics(run) if r["site"] == "global"]
+    assert rounds[-2:] == [3, 4] and len(set(rounds)) == len(rounds)
+    from common.audit import audit_run
+
+    report = audit_run(run, None)
+    assert report.ok, report.all_problems

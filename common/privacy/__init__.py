@@ -129,7 +129,8 @@ def plan_site(
 class SiteAccountant:
     """A site's privacy accountant, persistent across rounds (an Opacus accountant inside)."""
 
-    def __init__(self, mechanism: str = "rdp", state: dict[str, Any] | None = None) -> None:
+    def __init__(self, mechanism: str = "rdp", state: dict[str, Any] | None = None,
+                 prior: list[tuple[float, float, int]] | None = None) -> None:
         self.mechanism = mechanism
         self.accountant = create_accountant(mechanism)
         if state:
@@ -137,6 +138,8 @@ class SiteAccountant:
                 "history": [tuple(h) for h in state["history"]],
                 "mechanism": self.accountant.mechanism(),
             })
+        self.prior: list[tuple[float, float, int]] = [tuple(h) for h in prior or []]
+        """Steps of the site's *other* runs: they count towards its lifetime budget."""
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
@@ -159,8 +162,18 @@ class SiteAccountant:
         trial.history.append((plan.noise_multiplier, plan.sample_rate, plan.steps_per_round))
         return _epsilon(trial, plan.delta)
 
-    def check_next_round(self, plan: DPPlan, site: str) -> float:
-        """Raise :class:`PrivacyBudgetExhausted` unless one more round fits the budget."""
+    def lifetime_epsilon(self, delta: float, plan: DPPlan | None = None) -> float:
+        """Epsilon of everything the site has spent, in this run and every earlier one
+        (plus one more round of ``plan`` when given)."""
+        history = self.prior + self.history
+        if plan is not None:
+            history.append((plan.noise_multiplier, plan.sample_rate, plan.steps_per_round))
+        return independent_epsilon(history, delta, self.mechanism)
+
+    def check_next_round(self, plan: DPPlan, site: str,
+                         lifetime_budget: float = math.inf) -> float:
+        """Raise :class:`PrivacyBudgetExhausted` unless one more round fits the run's
+        budget and the site's lifetime budget."""
         projected = self.projected_epsilon(plan)
         if projected > plan.epsilon_budget * (1 + 1e-9):
             raise PrivacyBudgetExhausted(
@@ -168,6 +181,14 @@ class SiteAccountant:
                 f"{plan.epsilon_budget:g} (spent {self.epsilon(plan.delta):.3f} at "
                 f"delta={plan.delta:g}); not training"
             )
+        if math.isfinite(lifetime_budget):
+            lifetime = self.lifetime_epsilon(plan.delta, plan)
+            if lifetime > lifetime_budget * (1 + 1e-9):
+                raise PrivacyBudgetExhausted(
+                    f"{site}: next round would bring the site's lifetime epsilon over all "
+                    f"its runs to {lifetime:.3f} > its lifetime budget {lifetime_budget:g} "
+                    f"at delta={plan.delta:g}; not training"
+                )
         return projected
 
     def to_json(self) -> str:
@@ -182,6 +203,33 @@ class SiteAccountant:
         return cls(data.get("mechanism", mechanism), data)
 
 
+def use_csprng_noise(optimizer: Any) -> None:
+    """Make an Opacus ``DPOptimizer`` draw its Gaussian noise from a CSPRNG.
+
+    The equivalent of Opacus' ``secure_mode`` (which needs the unmaintained
+    ``torchcsprng``): the noise of every step comes from
+    :class:`common.crypto.noise.SecureGaussian`; clipping and accounting stay Opacus'.
+    Only the noise draw of :meth:`DPOptimizer.add_noise` changes.
+    """
+    import torch
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    from common.crypto.noise import SecureGaussian
+
+    source = SecureGaussian()
+
+    def add_noise() -> None:
+        std = optimizer.noise_multiplier * optimizer.max_grad_norm
+        for p in optimizer.params:
+            _check_processed_flag(p.summed_grad)
+            draw = source.normal(tuple(p.summed_grad.shape), std)
+            noise = torch.from_numpy(draw).to(p.summed_grad.dtype)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    optimizer.add_noise = add_noise
+
+
 def independent_epsilon(
     history: list[tuple[float, float, int]], delta: float, mechanism: str = "rdp"
 ) -> float:
@@ -192,4 +240,4 @@ def independent_epsilon(
 
 
 __all__ = ["RDP_ALPHAS", "DPPlan", "SiteAccountant", "independent_epsilon", "plan_site",
-           "rdp_epsilon"]
+           "rdp_epsilon", "use_csprng_noise"]
