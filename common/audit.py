@@ -108,6 +108,87 @@ def _close(a: float, b: float, rel: float) -> bool:
     return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
 
 
+def _against_config(name: str, records: list[dict[str, Any]], audit: SiteAudit,
+                    report: AuditReport) -> None:
+    """The budget, delta and rounds the run was configured with, not the site's claims."""
+    config = report.config
+    if not config:
+        return
+    from common.config import parse_site_values
+
+    try:
+        budget = float(parse_site_values(str(config.get("site-epsilon", ""))).get(
+            name, config.get("epsilon")))
+    except (TypeError, ValueError):
+        budget = None
+    if budget is not None and audit.budget is not None and not _close(
+            float(audit.budget), budget, 1e-12):
+        audit.problems.append(f"claims a budget of {audit.budget:g}; the run's configuration "
+                              f"gives it {budget:g}")
+    if budget is not None:
+        audit.budget = budget
+    delta = config.get("delta")
+    if isinstance(delta, (int, float)) and audit.delta is not None and not _close(
+            float(audit.delta), float(delta), 1e-12):
+        audit.problems.append(f"claims delta {audit.delta:g}; the run's configuration has "
+                              f"{float(delta):g}")
+    rounds = config.get("rounds")
+    late = [r.get("round") for r in records if isinstance(rounds, int)
+            and isinstance(r.get("round"), int) and not 1 <= r["round"] <= rounds]
+    if late:
+        audit.problems.append(f"records for round(s) {late} outside the {rounds} configured")
+    seeded = sorted({str(r.get("noise")) for r in records
+                     if str(r.get("noise") or "").startswith("seeded")})
+    if seeded:
+        report.warnings.append(f"{name}: DP noise was {seeded[0]}: anyone who knows the seed "
+                               "can remove it; a deployment must draw noise from a CSPRNG")
+
+
+def _check_end(run_dir: Path, report: AuditReport, server_rounds: list[dict[str, Any]]) -> None:
+    """The run-end record against ``summary.json``, and every checkpoint's hash."""
+    from common.runs import sha256_file
+
+    for rec in server_rounds:
+        name = rec.get("checkpoint")
+        if not name:
+            continue
+        path = run_dir / str(name)
+        if not path.is_file():
+            report.problems.append(f"round {rec.get('round')}: checkpoint {name} is missing")
+        elif sha256_file(path) != rec.get("checkpoint_sha256"):
+            report.problems.append(f"round {rec.get('round')}: {name} is not the checkpoint "
+                                   "the server recorded (replaced or altered)")
+    ends = report.ledger.records("run-end")
+    if not ends:
+        return  # verify_ledger reports the run as incomplete
+    end = ends[-1]["record"]
+    with_model = [r for r in server_rounds if r.get("aggregate") is not None]
+    if end.get("rounds") != len(with_model):
+        report.problems.append(f"run-end counts {end.get('rounds')} rounds with a model; the "
+                               f"ledger records {len(with_model)}")
+    if server_rounds and end.get("global_model") != server_rounds[-1].get("global_model"):
+        report.problems.append("run-end names a final model that is not the last round's")
+    summary_file = run_dir / "summary.json"
+    if not summary_file.is_file():
+        report.problems.append(f"{summary_file}: missing; the run-end record names one")
+        return
+    try:
+        summary = json.loads(summary_file.read_text())
+    except ValueError:
+        report.problems.append(f"{summary_file}: not valid JSON")
+        return
+    if config_hash(summary) != end.get("summary_hash"):
+        report.problems.append(f"{summary_file}: differs from the summary the server signed "
+                               "at the end of the run (edited after the run?)")
+    claimed = summary.get("epsilon") if isinstance(summary.get("epsilon"), dict) else {}
+    for site in report.sites:
+        value = claimed.get(site.site)
+        if site.rdp is not None and isinstance(value, (int, float)) and value + 1e-9 < (
+                site.rdp if site.accountant != "prv" else (site.prv or 0.0)) * (1 - 1e-6):
+            report.problems.append(f"{summary_file}: reports epsilon {value:.4g} for "
+                                   f"{site.site}; its ledger gives {site.rdp:.4g}")
+
+
 def _audit_site(name: str, entries: list[dict[str, Any]], report: AuditReport,
                 globals_before: dict[int, str], participants: dict[int, set[str]]) -> SiteAudit:
     audit = SiteAudit(site=name)
@@ -122,6 +203,7 @@ def _audit_site(name: str, entries: list[dict[str, Any]], report: AuditReport,
     audit.accountant = last.get("accountant")
     audit.privacy_unit = last.get("privacy_unit")
     audit.budget, audit.delta = last.get("epsilon_budget"), last.get("delta")
+    _against_config(name, records, audit, report)
     secagg_promised = bool(report.config.get("secagg", True))
     unmasked: list[Any] = []
     for rec in records:
@@ -292,6 +374,7 @@ def audit_run(run_dir: str | Path,
     for name in sorted(presented - set(by_site)):
         report.sites.append(SiteAudit(site=name, dp=bool(report.config.get("dp", True)),
                                       notes=["never trained (no site-round record)"]))
+    _check_end(run_dir, report, server_rounds)
     for site in report.sites:
         if site.rdp is not None:
             log.info("%s: claimed %s, RDP %.4f, PRV %s, budget %s -> %s", site.site,

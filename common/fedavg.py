@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from common.checks import update_bound, update_problem
 from common.config import FederationConfig
 from common.crypto.signing import SigningKey
 from common.ledger import (
@@ -29,7 +30,7 @@ from common.ledger import (
     site_round_record,
 )
 from common.metrics import EvalCounts
-from common.runs import RunFolder
+from common.runs import RunFolder, json_safe, sha256_file
 from common.site import Site, initial_model
 from common.training import NDArrays, get_weights
 
@@ -86,6 +87,7 @@ def run_inprocess(
         ledger.start(cfg.to_run_config(), {s.name: site_keys[s.name].public_pem()
                                            for s in sites}, weights)
     result = FederationResult(weights)
+    bound, shapes, models = update_bound(cfg), [w.shape for w in weights], 0
     for rnd in range(1, cfg.rounds + 1):
         received = [w.copy() for w in weights]
         reports, dropouts, fit = [], {}, {}
@@ -94,37 +96,48 @@ def run_inprocess(
                 dropouts[site.name] = "privacy budget exhausted"
                 continue
             report = site.train(received, rnd)
-            reports.append((report.update, report.n_samples))
-            fit[site.name] = report.metrics
             if ledger is not None and site_keys is not None:
                 record = site_round_record(
                     report, received, server_round=rnd, site=site.name, plan=site.plan,
                     accountant=cfg.accountant, privacy_unit=site.privacy_unit,
-                    secagg=False, previous=last_record.get(site.name))
+                    secagg=False, previous=last_record.get(site.name), run=ledger.run,
+                    noise=site.noise_source)
                 signed = sign_record(record, site_keys[site.name], site.name)
                 last_record[site.name] = envelope_hash(signed)
-                ledger.append(signed)
+                ledger.append(signed, rnd)
+            problem = update_problem(report.update, shapes, bound)
+            if problem:
+                dropouts[site.name] = f"update rejected: {problem}"
+                continue
+            reports.append((report.update, report.n_samples))
+            fit[site.name] = report.metrics
         aggregate = fedavg(reports) if reports else None
+        models += aggregate is not None
         if aggregate is not None:
             weights = [(w + a).astype(w.dtype) for w, a in zip(weights, aggregate)]
         for site in sites:
             result.epsilon[site.name] = site.epsilon
+        path = run.save_checkpoint(rnd, names, weights) if run is not None else None
         if ledger is not None:
             ledger.append_server(server_round_record(
                 server_round=rnd, participants=list(fit), dropouts=dropouts,
-                aggregate=aggregate, global_weights=weights, secagg=False))
-        if run is not None:
-            run.save_checkpoint(rnd, names, weights)
-            if evaluate:
-                result.history.append(_evaluate_round(run, sites, weights, rnd, fit, cfg))
+                aggregate=aggregate, global_weights=weights, secagg=False,
+                checkpoint=str(path.relative_to(run.path)) if path and run else None,
+                checkpoint_sha256=sha256_file(path) if path else None))
+        if run is not None and evaluate:
+            result.history.append(_evaluate_round(run, sites, weights, rnd, fit, cfg))
     result.weights = weights
     if run is not None:
         last = result.history[-1] if result.history else {}
-        run.write_json("summary.json", {
+        summary = json_safe({
             "rounds": cfg.rounds, "auc": last.get("val_auc"), "accuracy":
             last.get("val_accuracy"), "epsilon": result.epsilon, "delta": cfg.delta,
             "dp": cfg.dp, "secagg": False, "engine": "in-process FedAvg (common.fedavg)",
         })
+        if ledger is not None:
+            ledger.end(rounds=models, last_round=cfg.rounds, global_weights=weights,
+                       summary=summary)
+        run.write_json("summary.json", summary)
     return result
 
 

@@ -184,6 +184,8 @@ def site_round_record(
     mask_generator: str | None = None,
     bytes_sent: int | None = None,
     previous: str | None = None,
+    run: str | None = None,
+    noise: str | None = None,
 ) -> dict[str, Any]:
     """A site's ``site-round`` record, built from what :meth:`Site.train` returned.
 
@@ -202,6 +204,9 @@ def site_round_record(
             SecAgg+ vector is quantised to the same number of values).
         previous: :func:`envelope_hash` of the site's previous signed record, None in its
             first round.
+        run: the run the record belongs to (the hash of the ledger's run-start line, which
+            the server sends with every round); the server refuses records of other runs.
+        noise: where the site's DP noise came from (a CSPRNG, or seeded: reproducible).
     """
     metrics = dict(report.metrics)
     metrics.pop(LEDGER_METRIC, None)
@@ -230,6 +235,8 @@ def site_round_record(
                  "metrics": {k: _scalar_type(v) for k, v in sorted(metrics.items())}},
         "mask_generator": mask_generator if secagg else None,
         "site_prev": previous,
+        "run": run,
+        "noise": noise,
     }
 
 
@@ -242,14 +249,19 @@ def server_round_record(
     global_weights: Sequence[np.ndarray],
     secagg: bool,
     mask_generator: str | None = None,
+    checkpoint: str | None = None,
+    checkpoint_sha256: str | None = None,
 ) -> dict[str, Any]:
     """The server's ``server-round`` record, written after aggregation.
 
     Args:
         participants: sites whose updates went into the aggregate.
-        dropouts: sites asked to train that did not contribute, with the reason.
+        dropouts: sites asked to train that did not contribute, with the reason (a
+            rejected update's privacy spend is still in its site's own record).
         aggregate: the (unmasked) aggregate update, None when the round was rejected.
         global_weights: the global model after the round (unchanged if rejected).
+        checkpoint: the checkpoint file of the round (relative to the run folder).
+        checkpoint_sha256: SHA-256 of that file's bytes as written (sealed or not).
     """
     return {
         "kind": "server-round",
@@ -260,6 +272,29 @@ def server_round_record(
         "global_model": hash_arrays(global_weights),
         "secure_aggregation": bool(secagg),
         "mask_generator": mask_generator if secagg else None,
+        "checkpoint": checkpoint,
+        "checkpoint_sha256": checkpoint_sha256,
+    }
+
+
+def run_end_record(*, rounds: int, last_round: int, global_weights: Sequence[np.ndarray],
+                   summary: Mapping[str, Any], records: int) -> dict[str, Any]:
+    """The server's ``run-end`` record: how the run ended, signed last.
+
+    Args:
+        rounds: rounds that produced a global model.
+        last_round: the last round the server ran (produced a model or not).
+        global_weights: the final global model.
+        summary: the run's ``summary.json`` content (its hash binds the file).
+        records: lines in the ledger before this one (a cut ledger cannot keep its end).
+    """
+    return {
+        "kind": "run-end",
+        "rounds": int(rounds),
+        "last_round": int(last_round),
+        "global_model": hash_arrays(global_weights),
+        "summary_hash": config_hash(summary),
+        "records": int(records),
     }
 
 
@@ -292,10 +327,14 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
                    "max_grad_norm": _OPT_NUM, "steps": (int,), "epsilon": _OPT_NUM,
                    "delta": _OPT_NUM, "epsilon_budget": _OPT_NUM, "n_samples": (int,),
                    "privacy_unit": (str,), "bytes_sent": (int,), "sent": (dict,),
-                   "mask_generator": _OPT_STR, "site_prev": _OPT_STR},
+                   "mask_generator": _OPT_STR, "site_prev": _OPT_STR, "run": _OPT_STR,
+                   "noise": _OPT_STR},
     "server-round": {"round": (int,), "participants": (list,), "dropouts": (dict,),
                      "aggregate": _OPT_STR, "global_model": (str,),
-                     "secure_aggregation": (bool,), "mask_generator": _OPT_STR},
+                     "secure_aggregation": (bool,), "mask_generator": _OPT_STR,
+                     "checkpoint": _OPT_STR, "checkpoint_sha256": _OPT_STR},
+    "run-end": {"rounds": (int,), "last_round": (int,), "global_model": (str,),
+                "summary_hash": (str,), "records": (int,)},
 }
 """Fields and JSON types of each record kind (what :func:`record_problem` checks)."""
 
@@ -352,13 +391,34 @@ class Ledger:
         self.seq = 0
         self.prev = GENESIS
         self.keys: dict[str, str] = {}
+        self.run = ""
+        """Hash of the run-start line: the run's identity, sent to sites every round."""
+        self.envelopes: set[str] = set()
+        """Hashes of the site records already in the ledger (a resent one is not doubled)."""
         if self.path.exists() and self.path.stat().st_size:
             report = verify_ledger(self.path)
-            if not report.ok:
+            if [p.kind for p in report.problems if p.kind != "incomplete"] == ["truncated"]:
+                # The writer was killed mid-line: that record was never written. Drop the
+                # partial line (its site re-sends the same signed record) and go on.
+                data = self.path.read_bytes()
+                keep = data[: data.rfind(b"\n") + 1]
+                log.warning("%s: dropping an incomplete last line (%d bytes) left by a "
+                            "killed run", self.path, len(data) - len(keep))
+                with self.path.open("r+b") as fh:
+                    fh.truncate(len(keep))
+                    os.fsync(fh.fileno())
+                report = verify_ledger(self.path)
+            problems = [p for p in report.problems if p.kind != "incomplete"]
+            if problems:
                 raise LedgerError(f"{self.path}: cannot resume a ledger with problems: "
-                                  + "; ".join(str(p) for p in report.problems))
+                                  + "; ".join(str(p) for p in problems))
             last = report.links[-1]
             self.seq, self.prev, self.keys = last["seq"] + 1, last["hash"], dict(report.keys)
+            self.run = str(report.links[0]["hash"])
+            self.envelopes = {envelope_hash(e) for e in report.records("site-round")}
+            if report.records("run-end"):
+                raise LedgerError(f"{self.path}: this run has ended (its ledger has a run-end "
+                                  "record); start a new run in another folder")
             if self.keys.get(server_name) != server_key.public_pem():
                 raise LedgerError(f"{self.path}: was started with another server key; use "
                                   "the key of that run or a new run folder")
@@ -374,17 +434,28 @@ class Ledger:
                                   self.server_name)
         link = self.append_server(record)
         self.keys = dict(record["keys"])
+        self.run = str(link["hash"])
         return link
+
+    def end(self, *, rounds: int, last_round: int, global_weights: Sequence[np.ndarray],
+            summary: Mapping[str, Any]) -> dict[str, Any]:
+        """Append the signed ``run-end`` record (nothing can follow it)."""
+        return self.append_server(run_end_record(
+            rounds=rounds, last_round=last_round, global_weights=global_weights,
+            summary=summary, records=self.seq))
 
     def append_server(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """Sign ``record`` with the server key and append it."""
         return self._write(sign_record(record, self.server_key, self.server_name))
 
-    def append(self, signed: Mapping[str, Any]) -> dict[str, Any]:
-        """Append a site's signed record after checking it; return the written link.
+    def append(self, signed: Mapping[str, Any], server_round: int | None = None
+               ) -> dict[str, Any] | None:
+        """Append a site's signed record after checking it; return the written link
+        (None when this very record is already in the ledger: a resent reply).
 
         Raise :class:`LedgerError` when the signer is unknown, the signature does not
-        verify, or the record is not a ``site-round`` record of its signer.
+        verify, the record is not a ``site-round`` record of its signer, or it belongs to
+        another run or (given ``server_round``) another round: a replayed record.
         """
         if not self.seq:
             raise LedgerError(f"{self.path}: call start() before appending site records")
@@ -403,7 +474,20 @@ class Ledger:
             raise LedgerError(f"record of {signer} rejected: not a site-round record of "
                               f"{signer} (kind {record.get('kind')!r}, site "
                               f"{record.get('site')!r})")
-        return self._write(dict(signed))
+        if record.get("run") != self.run:
+            raise LedgerError(f"record of {signer} rejected: it belongs to run "
+                              f"{str(record.get('run'))[:16]}..., not to this run "
+                              f"({self.run[:16]}...): a replayed record")
+        if server_round is not None and record["round"] != server_round:
+            raise LedgerError(f"record of {signer} rejected: it is for round "
+                              f"{record['round']}, this is round {server_round}: a replayed "
+                              "record")
+        digest = envelope_hash(signed)
+        if digest in self.envelopes:
+            return None
+        link = self._write(dict(signed))
+        self.envelopes.add(digest)
+        return link
 
     def _write(self, entry: dict[str, Any]) -> dict[str, Any]:
         link_hash = _link_hash(self.seq, self.prev, entry)
@@ -421,7 +505,7 @@ class Ledger:
 
 # ---- verification -------------------------------------------------------------------
 ProblemKind = Literal["changed", "removed", "reordered", "truncated", "unknown-signer",
-                      "key-mismatch", "malformed"]
+                      "key-mismatch", "malformed", "incomplete", "replayed"]
 
 
 @dataclass(frozen=True)
@@ -606,7 +690,7 @@ def verify_ledger(path: str | Path,
             report.problems.append(LedgerProblem(
                 "changed", i, seq, f"site-round record of {record.get('site')!r} signed by "
                 f"{signer!r}"))
-        if record.get("kind") in ("run-start", "server-round") and signer != server:
+        if record.get("kind") in ("run-start", "server-round", "run-end") and signer != server:
             report.problems.append(LedgerProblem(
                 "changed", i, seq, f"{record.get('kind')} record signed by {signer!r}, not "
                 "the server"))
@@ -653,16 +737,47 @@ def verify_ledger(path: str | Path,
                 site_last[signer] = ("", True)
     if not parsed and not report.problems:
         report.problems.append(LedgerProblem("removed", 1, None, "the ledger is empty"))
+    _check_run(report)
     for problem in report.problems:
         log.debug("%s: %s", path, problem)
     return report
+
+
+def _check_run(report: LedgerReport) -> None:
+    """Every site record belongs to this run; the ledger ends with its run-end record."""
+    if not report.links:
+        return
+    run = str(report.links[0].get("hash"))
+    for link in report.links:
+        record = link["entry"].get("record")
+        if (isinstance(record, dict) and record.get("kind") == "site-round"
+                and record_problem(record) is None and record.get("run") != run):
+            report.problems.append(LedgerProblem(
+                "replayed", link["line"], link["seq"], f"{record.get('site')}'s record belongs "
+                f"to another run ({str(record.get('run'))[:16]}...), not to this one"))
+    last = report.links[-1]
+    record = last["entry"].get("record")
+    ends = [link for link in report.links if isinstance(link["entry"].get("record"), dict)
+            and link["entry"]["record"].get("kind") == "run-end"]
+    if not ends:
+        report.problems.append(LedgerProblem(
+            "incomplete", last["line"], last["seq"], "no run-end record: the run did not "
+            "finish (resume it), or its last lines were removed"))
+    elif ends[-1] is not last:
+        report.problems.append(LedgerProblem(
+            "changed", last["line"], last["seq"], "lines follow the run-end record"))
+    elif isinstance(record, dict) and record.get("records") != last["seq"]:
+        report.problems.append(LedgerProblem(
+            "removed", last["line"], last["seq"], f"the run-end record counts "
+            f"{record.get('records')} lines before it; the ledger has {last['seq']}"))
 
 
 __all__ = [
     "GENESIS", "LEDGER_FILE", "LEDGER_METRIC", "SERVER", "Ledger", "LedgerError",
     "LedgerProblem", "LedgerReport", "SCHEMAS", "check_signed", "config_hash", "decode_signed",
     "encode_signed", "envelope_hash", "hash_arrays", "record_problem", "run_start_record",
-    "server_round_record", "sign_record", "site_round_record", "verify_ledger",
+    "run_end_record", "server_round_record", "sign_record", "site_round_record",
+    "verify_ledger",
 ]
 
 

@@ -25,12 +25,12 @@ def default_run_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe: NaN and inf become null, numpy scalars become Python numbers."""
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -39,31 +39,46 @@ def _clean(value: Any) -> Any:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all, and make it durable (file and folder fsynced)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 class RunFolder:
     """Writer of one run folder."""
 
-    def __init__(self, path: str | Path, checkpoint_key: bytes | None = None) -> None:
+    def __init__(self, path: str | Path, checkpoint_key: bytes | None = None,
+                 run_id: str = "") -> None:
         self.path = Path(path)
         self.checkpoint_key = checkpoint_key
+        self.run_id = run_id
+        """Bound into every sealed checkpoint: another run's checkpoint does not decrypt."""
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "checkpoints").mkdir(exist_ok=True)
 
     def write_json(self, name: str, data: dict[str, Any]) -> Path:
         target = self.path / name
-        atomic_write(target, (json.dumps(_clean(data), indent=2) + "\n").encode())
+        atomic_write(target, (json.dumps(json_safe(data), indent=2) + "\n").encode())
         return target
 
     def append_metrics(self, records: list[dict[str, Any]]) -> None:
         with (self.path / "metrics.jsonl").open("a", encoding="utf-8") as fh:
             for record in records:
-                fh.write(json.dumps(_clean(record)) + "\n")
+                fh.write(json.dumps(json_safe(record)) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -80,7 +95,7 @@ class RunFolder:
             atomic_write(target, buf.getvalue())
         else:
             target = self.path / "checkpoints" / (name + SUFFIX)
-            atomic_write(target, seal(buf.getvalue(), self.checkpoint_key, name))
+            atomic_write(target, seal(buf.getvalue(), self.checkpoint_key, name, self.run_id))
         return target
 
     def latest_checkpoint(self) -> tuple[int, Path] | None:
@@ -101,8 +116,10 @@ def checkpoint_name(server_round: int) -> str:
     return f"round-{server_round:03d}.npz"
 
 
-def load_checkpoint(path: str | Path, key: bytes | None = None) -> dict[str, np.ndarray]:
-    """A global checkpoint's arrays by name; sealed files need the consortium's key."""
+def load_checkpoint(path: str | Path, key: bytes | None = None,
+                    run_id: str | None = None) -> dict[str, np.ndarray]:
+    """A global checkpoint's arrays by name; sealed files need the consortium's key (and,
+    given ``run_id``, must belong to that run)."""
     import io
 
     path = Path(path)
@@ -115,9 +132,20 @@ def load_checkpoint(path: str | Path, key: bytes | None = None) -> dict[str, np.
         if key is None:
             raise DataError(f"{path}: encrypted checkpoint; give the key (--key-file or "
                             "PATHFED_CHECKPOINT_KEY)")
-        data = unseal(data, key, path.name[: -len(SUFFIX)], str(path))
+        data = unseal(data, key, path.name[: -len(SUFFIX)], str(path), run_id)
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except (ValueError, OSError) as err:
         raise DataError(f"{path}: not a PathFed checkpoint ({err})") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

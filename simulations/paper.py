@@ -179,7 +179,7 @@ def train_flower(cfg: FederationConfig, folder: Path, run: Path) -> tuple[list[n
     done = run / "summary.json"
 
     def settings(config: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in config.items() if k != "keys"}  # made by simulate()
+        return {k: v for k, v in config.items() if k not in ("keys", "run-id")}  # by simulate()
 
     same = (run / "config.json").is_file() and settings(json.loads(
         (run / "config.json").read_text())) == settings(json.loads(json.dumps(

@@ -44,12 +44,15 @@ def _rewrite(src: Path, dst: Path, keys: dict[str, SigningKey], edit: object) ->
         record = edit(dict(entry["record"]))  # type: ignore[operator]
         if record["kind"] == "site-round":
             record["site_prev"] = last.get(entry["signer"])
+            record["run"] = ledger.run
+        if record["kind"] == "run-end":
+            record["records"] = ledger.seq
         signed = sign_record(record, keys[entry["signer"]], entry["signer"])
         last[entry["signer"]] = envelope_hash(signed)
         if entry["signer"] == "server":
-            ledger._write(signed)
+            link = ledger._write(signed)
             if record["kind"] == "run-start":
-                ledger.keys = dict(record["keys"])
+                ledger.keys, ledger.run = dict(record["keys"]), link["hash"]
         else:
             ledger.append(signed)
     return dst
@@ -67,8 +70,10 @@ def test_good_run_verifies_and_recomputes_the_claims(good_run: Path,
             [p["claimed"] for p in site.curve], rel=1e-9)
         assert 0 < site.prv <= site.rdp + 0.02  # PRV is the tighter accountant
         assert site.claimed <= site.budget and site.privacy_unit == "slide"
-    # secagg = false is said, not hidden
-    assert len(report.warnings) == 2 and "unmasked" in report.warnings[0]
+    # secagg = false and seeded noise are said, not hidden
+    unmasked = [w for w in report.warnings if "unmasked" in w]
+    seeded = [w for w in report.warnings if "noise was seeded" in w]
+    assert len(unmasked) == 2 and len(seeded) == 2 and len(report.warnings) == 4
 
 
 def test_budget_overrun_written_by_hand_is_flagged(good_run: Path, tmp_path: Path,
@@ -83,8 +88,30 @@ def test_budget_overrun_written_by_hand_is_flagged(good_run: Path, tmp_path: Pat
     assert not report.ok
     bad = {s.site: s for s in report.sites}["site-1"]
     assert bad.verdict == "FAIL"
-    assert any("exceeds the budget 1" in p for p in bad.problems), bad.problems
+    assert any("claims a budget of 1; the run's configuration gives it 3" in p
+               for p in bad.problems), bad.problems
     assert {s.site: s for s in report.sites}["site-0"].verdict == "ok"
+
+
+def test_budget_is_the_configured_one_not_the_sites_claim(good_run: Path, tmp_path: Path,
+                                                          keys: dict[str, SigningKey]) -> None:
+    """Sites that claim the budget they spent are still held to the run's configuration."""
+    from common.ledger import config_hash
+
+    def lower_config(rec: dict) -> dict:
+        if rec["kind"] == "run-start":
+            rec["config"] = dict(rec["config"], epsilon=1.0)
+            rec["config_hash"] = config_hash(rec["config"])
+        return rec
+
+    run = _rewrite(good_run, tmp_path / "run", keys, lower_config)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(dict(config, epsilon=1.0)))
+    report = audit_run(run)
+    assert report.ledger.ok and not report.ok
+    for site in report.sites:
+        assert site.budget == 1.0 and site.verdict == "FAIL"
+        assert any("exceeds the budget 1" in p for p in site.problems), site.problems
 
 
 def test_understated_epsilon_is_flagged(good_run: Path, tmp_path: Path,
@@ -146,6 +173,42 @@ def test_cli_tampered_run_exits_1(good_run: Path, tmp_path: Path) -> None:
     assert r.returncode == 1, r.stdout + r.stderr
     assert "line 5 (seq 4): changed" in r.stdout
     assert (run / "audit.html").is_file()
+
+
+@pytest.mark.parametrize("keep", ["all but the end", "all but the last round",
+                                  "the run start only"])
+def test_a_cut_ledger_is_incomplete_and_fails(good_run: Path, tmp_path: Path,
+                                              keep: str) -> None:
+    """Removing the last line(s), even cleanly at a line boundary, never verifies."""
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    lines = (run / LEDGER_FILE).read_text().splitlines(keepends=True)
+    cut = {"all but the end": lines[:-1], "all but the last round": lines[:-4],
+           "the run start only": lines[:1]}[keep]
+    (run / LEDGER_FILE).write_text("".join(cut))
+    report = audit_run(run)
+    assert not report.ok
+    assert any("incomplete" in p and "no run-end record" in p for p in report.problems)
+    r = pathfed(str(run))
+    assert r.returncode == 1 and "incomplete" in r.stdout, r.stdout + r.stderr
+
+
+def test_summary_and_checkpoints_are_cross_checked(good_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["epsilon"] = {k: v / 2 for k, v in summary["epsilon"].items()}
+    (run / "summary.json").write_text(json.dumps(summary))
+    ckpt = run / "checkpoints" / "round-001.npz"
+    ckpt.write_bytes((run / "checkpoints" / "round-002.npz").read_bytes())
+    report = audit_run(run)
+    assert report.ledger.ok and not report.ok
+    text = " | ".join(report.problems)
+    assert "summary.json: differs from the summary the server signed" in text
+    assert "reports epsilon" in text  # and says which site is understated
+    assert "round 1: checkpoints/round-001.npz is not the checkpoint" in text
+    ckpt.unlink()
+    assert any("round-001.npz is missing" in p for p in audit_run(run).problems)
 
 
 def test_cli_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

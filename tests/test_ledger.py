@@ -57,7 +57,8 @@ def test_good_ledger_verifies(good_run: Path, keys: dict[str, SigningKey]) -> No
     assert report.ok, report.problems
     kinds = [e["record"]["kind"] for e in report.records()]
     # run-start, then per round: one record per site and the server's record
-    assert kinds == ["run-start"] + ["site-round", "site-round", "server-round"] * 2
+    assert kinds == (["run-start"] + ["site-round", "site-round", "server-round"] * 2
+                     + ["run-end"])
     assert report.keys_pinned
     assert verify_ledger(good_run / LEDGER_FILE).notes  # trust-on-first-use is said aloud
 
@@ -106,7 +107,8 @@ def test_truncated_last_line_is_caught(good_run: Path, tmp_path: Path) -> None:
     lines = _lines(good_run)
     lines[-1] = lines[-1][: len(lines[-1]) // 2]
     report = verify_ledger(_copy(tmp_path, lines))
-    assert [(p.kind, p.line) for p in report.problems] == [("truncated", len(lines))]
+    assert [(p.kind, p.line) for p in report.problems] == [("truncated", len(lines)),
+                                                           ("incomplete", len(lines) - 1)]
 
 
 def test_reordered_records_are_caught(good_run: Path, tmp_path: Path) -> None:
@@ -144,7 +146,10 @@ def test_removed_record_and_rechained_is_caught(good_run: Path, tmp_path: Path,
         lines.append(canonical_json(with_chain).decode() + "\n")
         prev = h
     report = verify_ledger(_copy(tmp_path, lines), _trusted(keys))
-    assert [(p.kind, "site-0" in p.message) for p in report.problems] == [("removed", True)]
+    # the site's own chain names the dropped record; the run-end record counts the lines
+    assert [(p.kind, "site-0" in p.message) for p in report.problems] == [
+        ("removed", True), ("removed", False)]
+    assert "run-end record counts" in report.problems[1].message
 
 
 def test_unknown_signer_and_key_mismatch(good_run: Path, keys: dict[str, SigningKey]) -> None:
@@ -164,7 +169,7 @@ def _site_record(site: str, **changes: object) -> dict[str, object]:
             "noise_multiplier": 1.0, "max_grad_norm": 1.0, "steps": 2, "epsilon": 1.0,
             "delta": 1e-5, "epsilon_budget": 2.0, "n_samples": 10, "privacy_unit": "slide",
             "bytes_sent": 12, "sent": {"update": "secagg+-masked", "metrics": {}},
-            "mask_generator": None, "site_prev": None} | changes
+            "mask_generator": None, "site_prev": None, "run": None, "noise": None} | changes
 
 
 def test_server_rejects_records_it_cannot_verify(tmp_path: Path) -> None:
@@ -173,17 +178,25 @@ def test_server_rejects_records_it_cannot_verify(tmp_path: Path) -> None:
     with pytest.raises(LedgerError, match="start"):
         ledger.append(sign_record(_site_record("a"), site, "a"))
     ledger.start({"rounds": 1}, {"a": site.public_pem()}, [np.zeros(3, np.float32)])
+    run = ledger.run
     with pytest.raises(LedgerError, match="unknown site 'b'"):
-        ledger.append(sign_record(_site_record("b"), other, "b"))
+        ledger.append(sign_record(_site_record("b", run=run), other, "b"))
     with pytest.raises(LedgerError, match="not a's key"):
-        ledger.append(sign_record(_site_record("a"), other, "a"))
+        ledger.append(sign_record(_site_record("a", run=run), other, "a"))
     with pytest.raises(LedgerError, match="malformed.*'steps'"):
-        ledger.append(sign_record(_site_record("a", steps="many"), site, "a"))
-    signed = sign_record(_site_record("a"), site, "a")
+        ledger.append(sign_record(_site_record("a", steps="many", run=run), site, "a"))
+    signed = sign_record(_site_record("a", run=run), site, "a")
     signed["record"]["epsilon"] = 0.1
     with pytest.raises(LedgerError, match="does not verify"):
         ledger.append(signed)
-    ledger.append(sign_record(_site_record("a"), site, "a"))
+    # a record of another run, or of another round, is a replay
+    with pytest.raises(LedgerError, match="another run|belongs to run"):
+        ledger.append(sign_record(_site_record("a", run="f" * 64), site, "a"))
+    with pytest.raises(LedgerError, match="for round 1, this is round 2"):
+        ledger.append(sign_record(_site_record("a", run=run), site, "a"), server_round=2)
+    good = sign_record(_site_record("a", run=run), site, "a")
+    assert ledger.append(good, server_round=1) is not None
+    assert ledger.append(good, server_round=1) is None  # the same reply resent: kept once
     # resuming appends after the last line; a broken ledger is never appended to
     resumed = Ledger(tmp_path / LEDGER_FILE, server)
     assert resumed.seq == 2
@@ -191,7 +204,15 @@ def test_server_rejects_records_it_cannot_verify(tmp_path: Path) -> None:
         Ledger(tmp_path / LEDGER_FILE, other)
     with (tmp_path / LEDGER_FILE).open("a") as fh:
         fh.write('{"seq": 2, "pr')
-    with pytest.raises(LedgerError, match="truncated"):
+    # a line cut by a killed writer was never written: resuming drops it and goes on
+    assert Ledger(tmp_path / LEDGER_FILE, server).seq == 2
+    assert (tmp_path / LEDGER_FILE).read_text().endswith("\n")
+    lines = (tmp_path / LEDGER_FILE).read_text().splitlines(keepends=True)
+    link = json.loads(lines[1])
+    link["entry"]["record"]["epsilon"] = 0.0
+    lines[1] = json.dumps(link) + "\n"
+    (tmp_path / LEDGER_FILE).write_text("".join(lines))
+    with pytest.raises(LedgerError, match="problems"):  # an edited one is never resumed
         Ledger(tmp_path / LEDGER_FILE, server)
 
 
