@@ -18,7 +18,7 @@ from typing import Any
 import tomli_w
 
 from common.crypto.consortium import Consortium
-from common.errors import PathFedError
+from common.errors import ConfigError, PathFedError
 
 CONNECTION = "pathfed"
 # No telemetry, no update checks, no dependency installs from the internet.
@@ -41,7 +41,9 @@ def console_script(name: str) -> str:
 
 def flower_env(consortium: Consortium | None = None, insecure: bool = False) -> dict[str, str]:
     """Environment for Flower's processes; with a consortium, a private FLWR_HOME whose
-    config names the consortium's SuperLink (for ``flwr run`` and ``flwr supernode``)."""
+    config names the consortium's SuperLink (for ``flwr run`` and ``flwr supernode``) and
+    holds the coordinator's Control API token (``credentials.yaml``, owner only), which
+    ``server/superlink.py`` requires of every Control API call."""
     # Flower's processes start each other by name (flower-superexec, flwr-serverapp, ...):
     # put this Python's scripts first on PATH, as a venv's activation would.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
@@ -57,7 +59,35 @@ def flower_env(consortium: Consortium | None = None, insecure: bool = False) -> 
         connection["root-certificates"] = str(consortium.ca_cert.resolve())
     (home / "config.toml").write_text(tomli_w.dumps(
         {"superlink": {"default": CONNECTION, CONNECTION: connection}}))
+    if not insecure:
+        _write_token(home, consortium)
     return {**env, "FLWR_HOME": str(home.resolve())}
+
+
+def _write_token(home: Path, consortium: Consortium) -> None:
+    """``FLWR_HOME/credentials.yaml``: the ``flwr`` CLI sends it as a bearer token."""
+    import base64
+
+    import yaml
+
+    path = consortium.coordinator_token
+    if not path.is_file():
+        raise ConfigError(f"{consortium.root}: no coordinator token (coordinator.token); this "
+                          "consortium was made by an older PathFed: create it again with "
+                          "`pathfed consortium init` and re-enrol the sites")
+    token = path.read_text().strip()
+
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    prefix = f"flower.account-auth.{consortium.address}"
+    data = yaml.safe_dump({f"{prefix}.authn-type": b64("oidc"),
+                           f"{prefix}.oidc-access-token": b64(token),
+                           f"{prefix}.oidc-refresh-token": b64(token)})
+    target = home / "credentials.yaml"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(data)
 
 
 def wait_for_port(address: str, timeout: float = 60.0) -> None:

@@ -1,15 +1,19 @@
 """The consortium server: Flower's SuperLink with TLS and SuperNode authentication.
 
-PathFed writes no transport of its own: ``pathfed server start`` runs ``flower-superlink``
-with the consortium's certificate and ``--enable-supernode-auth``, then registers every
-allow-listed site key with ``flwr supernode register``. ``pathfed run`` submits the
-federation with ``flwr run`` over the same TLS connection.
+PathFed writes no transport of its own: ``pathfed server start`` runs Flower's
+``flower-superlink`` (through :mod:`server.superlink`, which admits only the coordinator's
+token on the Control API and serves the consortium's signed app) with the consortium's
+certificate, ``--enable-supernode-auth`` and an authenticated SuperExec, then registers
+every allow-listed site key with ``flwr supernode register``. ``pathfed run`` builds and
+signs the app, then submits the federation with ``flwr run @pathfed/pathfed==VERSION``
+over the same TLS connection.
 """
 
 from __future__ import annotations
 
 import logging
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -33,15 +37,35 @@ log = logging.getLogger(__name__)
 def superlink_command(consortium: Consortium, insecure: bool = False) -> list[str]:
     settings = consortium.settings
     host = settings.get("bind", settings["server_hosts"][0])
-    cmd = [console_script("flower-superlink"), "--host", host,
-           "--port", str(settings["port"]), "--database",
-           str((consortium.root / "superlink.db").resolve()),
-           "--disable-runtime-dependency-installation"]
+    common = ["--host", host, "--port", str(settings["port"]), "--database",
+              str((consortium.root / "superlink.db").resolve()),
+              "--disable-runtime-dependency-installation"]
     if insecure:
-        return [*cmd, "--insecure"]
-    return [*cmd, "--ssl-ca-certfile", str(consortium.ca_cert),
+        return [console_script("flower-superlink"), *common, "--insecure"]
+    for path in (consortium.coordinator_digest, consortium.superexec_secret):
+        if not path.is_file():
+            raise ConfigError(f"{consortium.root}: {path.name} missing; this consortium was "
+                              "made by an older PathFed: create it again with `pathfed "
+                              "consortium init` and re-enrol the sites")
+    return [sys.executable, "-m", "server.superlink", *common,
+            "--ssl-ca-certfile", str(consortium.ca_cert),
             "--ssl-certfile", str(consortium.server_cert),
-            "--ssl-keyfile", str(consortium.server_key), "--enable-supernode-auth"]
+            "--ssl-keyfile", str(consortium.server_key), "--enable-supernode-auth",
+            "--isolation", "process",
+            "--superexec-auth-secret-file", str(consortium.superexec_secret.resolve())]
+
+
+def server_env(consortium: Consortium, insecure: bool = False) -> dict[str, str]:
+    """The SuperLink's environment: the token digest, the app store, the SuperExec."""
+    from server.superlink import APP_STORE_ENV, SUPEREXEC_ENV, TOKEN_DIGEST_ENV
+
+    env = flower_env(consortium, insecure)
+    env[KEY_FILE_ENV] = str(consortium.checkpoint_key.resolve())
+    if not insecure:
+        env[TOKEN_DIGEST_ENV] = str(consortium.coordinator_digest.resolve())
+        env[APP_STORE_ENV] = str(consortium.app_store.resolve())
+        env[SUPEREXEC_ENV] = "1"
+    return env
 
 
 def register_sites(consortium: Consortium, env: dict[str, str]) -> list[str]:
@@ -65,8 +89,7 @@ def start_server(root: str | Path, insecure: bool = False,
     consortium = Consortium(Path(root))
     if insecure:
         log.warning(INSECURE_WARNING)
-    env = flower_env(consortium, insecure)
-    env[KEY_FILE_ENV] = str(consortium.checkpoint_key.resolve())
+    env = server_env(consortium, insecure)
     out = open(log_file, "ab") if log_file else None  # noqa: SIM115 (owned by the child)
     proc = subprocess.Popen(superlink_command(consortium, insecure), env=env,
                             stdout=out or None, stderr=subprocess.STDOUT if out else None,
@@ -98,10 +121,16 @@ def run_command(root: str | Path, cfg: FederationConfig, insecure: bool = False,
     consortium's SuperLink; the caller removes the returned overrides file."""
     consortium = Consortium(Path(root))
     env = flower_env(consortium, insecure)
+    if insecure:  # a closed test network: the local app folder, unsigned
+        app = str(project_dir())
+    else:
+        from server.superlink import publish_app
+
+        app = publish_app(project_dir(), consortium.app_store, consortium.app_signing_key,
+                          consortium.root / "flwr-home" / "build")
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as fh:
         fh.write(tomli_w.dumps(cfg.to_run_config()))
-    cmd = [console_script("flwr"), "run", str(project_dir()), CONNECTION,
-           "--run-config", fh.name, "--stream"]
+    cmd = [console_script("flwr"), "run", app, CONNECTION, "--run-config", fh.name, "--stream"]
     return cmd, env, Path(fh.name)
 
 

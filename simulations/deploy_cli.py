@@ -13,7 +13,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from common.errors import ConfigError, DataError
+
 log = logging.getLogger("pathfed")
+
+
+def _check_out(out: str) -> None:
+    """An output file path must not be a folder, and its folder must exist."""
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"--out: {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--out: folder {path.parent} does not exist")
 
 
 def add_parsers(sub: Any) -> None:
@@ -43,6 +54,11 @@ def add_parsers(sub: Any) -> None:
     start.add_argument("--data", required=True, metavar="DATA_DIR",
                        help="the site's data: labelled images, prepared features or a site file")
     start.add_argument("--state", metavar="DIR", help="where the site keeps its privacy state")
+    start.add_argument("--lifetime-epsilon", type=float, default=30.0, metavar="E",
+                       help="the most epsilon this site spends over all runs (default 30)")
+    start.add_argument("--seeded-noise", action="store_true",
+                       help="reproducible DP noise (tests only: it can be removed by anyone "
+                       "who knows the seed)")
     start.add_argument("--insecure", action="store_true", help="NO TLS, NO authentication")
     start.set_defaults(func=_cmd_site_start)
 
@@ -127,7 +143,8 @@ def _wait(proc: Any, what: str) -> int:
 def _cmd_site_start(args: argparse.Namespace) -> int:
     from client.deploy import start_site
 
-    proc = start_site(args.consortium, args.name, args.data, args.state, insecure=args.insecure)
+    proc = start_site(args.consortium, args.name, args.data, args.state, insecure=args.insecure,
+                      lifetime_epsilon=args.lifetime_epsilon, seeded_noise=args.seeded_noise)
     log.info("site %s: SuperNode started (pid %d); Ctrl-C to stop", args.name, proc.pid)
     return _wait(proc, f"site {args.name}")
 
@@ -160,9 +177,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                  "keys": cfg.keys or str(consortium.ledger_keys.resolve())})
     rc = submit_run(consortium.root, cfg, insecure=args.insecure)
     summary = out / "summary.json"
-    if rc == 0 and summary.is_file():
-        print(f"results: {summary}, metrics.jsonl, checkpoints/")
-    return rc
+    if rc != 0:
+        return rc
+    if not summary.is_file():
+        log.error("the run wrote no %s: the server app did not finish (see the server log)",
+                  summary)
+        return 1
+    import json
+
+    result = json.loads(summary.read_text())
+    if not result.get("rounds_with_model"):
+        log.error("no round produced a global model: %s", result.get("error")
+                  or "every site's update failed or was rejected (see the server log)")
+        return 1
+    print(f"results: {summary}, metrics.jsonl, checkpoints/")
+    return 0
 
 
 def _cmd_decrypt(args: argparse.Namespace) -> int:
@@ -171,9 +200,23 @@ def _cmd_decrypt(args: argparse.Namespace) -> int:
     from common.crypto.sealed import load_key
     from common.runs import load_checkpoint
 
-    arrays = load_checkpoint(args.file, load_key(args.key_file))
+    from common.crypto.sealed import MAGIC, SUFFIX, sealed_run
+
+    path = Path(args.file)
+    key = load_key(args.key_file)
+    try:
+        head = path.read_bytes()[: len(MAGIC) + 260]
+    except FileNotFoundError:
+        raise DataError(f"{path}: checkpoint not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder; give a checkpoint file") from None
+    if not path.name.endswith(SUFFIX) or not head.startswith(MAGIC):
+        raise DataError(f"{path}: not an encrypted checkpoint (nothing to decrypt); "
+                        "load it as it is, without --key-file")
+    arrays = load_checkpoint(path, key)
+    _check_out(args.out)
     np.savez(args.out, **arrays)
-    print(f"decrypted {len(arrays)} arrays to {args.out}")
+    print(f"decrypted {len(arrays)} arrays of run {sealed_run(head, str(path))!r} to {args.out}")
     return 0
 
 
@@ -184,6 +227,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from common.runs import load_checkpoint
 
     arrays = load_checkpoint(args.file, load_key(args.key_file) if args.key_file else None)
+    _check_out(args.out)
     torch.save({k: torch.from_numpy(v.copy()) for k, v in arrays.items()}, args.out)
     print(f"wrote {len(arrays)} tensors to {args.out}")
     return 0

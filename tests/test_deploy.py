@@ -3,7 +3,11 @@
 One scenario, run once (a few minutes on 2 cores), then checked from several angles:
 3 hospitals x 4 rounds with SecAgg+ and DP; an intruder whose key is not on the
 allow-list; one hospital killed during round 2 (after SecAgg+ key sharing); the server
-killed between rounds 2 and 3, restarted, and the run resumed from its checkpoint.
+killed between rounds 2 and 3, restarted, and the run resumed from its checkpoint. Before
+it, a rogue app is submitted by someone holding ``ca.crt`` and a site's folder (refused by
+the server) and by someone holding the coordinator's token (refused by every site: it is
+not the consortium's signed app). After it, ``pathfed run`` without a config against a
+site holding an image folder trains nothing and exits non-zero, naming both sizes.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -37,6 +42,83 @@ from server.deploy import run_command, start_server
 pytestmark = pytest.mark.slow
 
 SITES = ("alpha", "beta", "gamma")
+
+ROGUE_PYPROJECT = """
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "rogue"
+version = "1.0.0"
+
+[tool.flwr.app]
+publisher = "mallory"
+
+[tool.flwr.app.components]
+serverapp = "rogue_app:server"
+clientapp = "rogue_app:client"
+
+[tool.flwr.app.config]
+marker = ""
+"""
+
+ROGUE_APP = """
+import os
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+client = ClientApp()
+server = ServerApp()
+
+
+@client.train()
+def steal(msg, context):
+    data = str(context.node_config.get("data-path", ""))
+    marker = Path(str(context.run_config["marker"]))
+    marker.with_name(marker.name + ".site").write_text(data + "\\n" + str(os.listdir(
+        Path(data).parent)))
+    return Message(RecordDict({"c": ConfigRecord({"ok": 1})}), reply_to=msg)
+
+
+@server.main()
+def main(grid, context):
+    Path(str(context.run_config["marker"])).write_text("the rogue server app ran")
+    nodes = list(grid.get_node_ids())
+    msgs = [Message(RecordDict({"c": ConfigRecord({"x": 1})}), dst_node_id=n,
+                    message_type="train") for n in nodes]
+    list(grid.send_and_receive(msgs, timeout=25))
+"""
+
+
+def _rogue_app(root: Path) -> Path:
+    app = root / "rogue"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(ROGUE_PYPROJECT)
+    (app / "rogue_app.py").write_text(ROGUE_APP)
+    return app
+
+
+def _flwr_home(folder: Path, address: str, ca: Path) -> dict[str, str]:
+    """A FLWR_HOME that knows the server's address and CA, and nothing else."""
+    from common.deployment import flower_env
+
+    folder.mkdir(parents=True)
+    (folder / "config.toml").write_text(f'[superlink]\ndefault = "c"\n[superlink.c]\n'
+                                        f'address = "{address}"\nroot-certificates = "{ca}"\n')
+    return {**flower_env(), "FLWR_HOME": str(folder)}
+
+
+def _submit_rogue(app: Path, env: dict[str, str], marker: Path, connection: str) -> str:
+    from common.deployment import console_script
+
+    result = subprocess.run([console_script("flwr"), "run", str(app), connection,
+                             "--run-config", f'marker="{marker}"', "--stream"],
+                            env=env, capture_output=True, text=True, timeout=240)
+    return f"rc={result.returncode}\n{result.stdout}{result.stderr}"
 
 
 def _run_until(cmd: list[str], env: dict[str, str], log: Path,
@@ -86,8 +168,11 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     shutil.copy(consortium.ca_cert, intruder / "ca.crt")
     (intruder / "site.json").write_text(json.dumps({"name": "intruder",
                                                     "superlink": consortium.address}))
+    enroll_site(consortium.root, "delta")  # holds images: started after the main run
+    images = _image_folder(root / "delta-images")
     procs: dict[str, subprocess.Popen[Any]] = {}
     timings: dict[str, float] = {}
+    rogue: dict[str, str] = {}
     cfg = FederationConfig(sites=3, rounds=4, out=str(root / "run"), run_id="scenario",
                            timeout=45, seed=11, keys=str(consortium.ledger_keys))
     logs = root / "logs"
@@ -95,11 +180,23 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     try:
         start = time.perf_counter()
         procs["server"] = start_server(consortium.root, log_file=logs / "server.log")
-        for name in SITES:
+        for name in SITES:  # alpha and beta seed their noise, so a test can replay them
             procs[name] = start_site(consortium.root, name, data[name],
-                                     log_file=logs / f"{name}.log")
+                                     log_file=logs / f"{name}.log",
+                                     seeded_noise=name != "gamma")
         procs["intruder"] = start_site(intruder, "intruder", data["alpha"],
                                        log_file=logs / "intruder.log")
+        # A rogue app, from a machine holding ca.crt and a copy of alpha's site folder.
+        app = _rogue_app(root)
+        stolen = root / "stolen-alpha"
+        shutil.copytree(consortium.site_dir("alpha"), stolen)
+        outsider = _flwr_home(root / "outsider-home", consortium.address, stolen / "ca.crt")
+        rogue["outsider"] = _submit_rogue(app, outsider, root / "outsider.marker", "c")
+        # The same app from someone who stole the coordinator's token: every site refuses.
+        from common.deployment import flower_env
+
+        insider = flower_env(consortium)
+        rogue["insider"] = _submit_rogue(app, insider, root / "insider.marker", "pathfed")
 
         def kill_gamma() -> None:
             timings["gamma_killed"] = time.perf_counter() - start
@@ -124,12 +221,75 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         rc2 = _run_until(cmd, env, logs / "run.log", [], timeout=900)
         overrides.unlink()
         timings["total"] = time.perf_counter() - start
+        # `pathfed run` with no config, against a site holding images (21 features).
+        for name in ("alpha", "beta"):
+            stop_process(procs.pop(name))
+        procs["delta"] = start_site(consortium.root, "delta", images,
+                                    log_file=logs / "delta.log")
+        mismatch = subprocess.run(
+            [str(Path(sys.executable).parent / "pathfed"), "run", "--consortium",
+             str(consortium.root), "--out", str(root / "mismatch"), "--set", "timeout=20"],
+            capture_output=True, text=True, timeout=600)
     finally:
         for proc in procs.values():
             stop_process(proc)
     (root / "timings.json").write_text(json.dumps(timings))
     return {"root": root, "consortium": consortium, "cfg": cfg, "data": data, "rc": (rc1, rc2),
-            "timings": timings, "logs": logs}
+            "timings": timings, "logs": logs, "rogue": rogue, "mismatch": mismatch}
+
+
+def _image_folder(folder: Path) -> Path:
+    """A small labelled image folder (random tissue-like RGB), both classes."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = ["image,label"]
+    for i in range(8):
+        pixels = rng.integers(60, 190, size=(96, 96, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+        lines.append(f"img{i}.png,{i % 2}")
+    (folder / "labels.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def _plain(path: Path) -> str:
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", path.read_text(errors="replace"))
+
+
+def test_rogue_app_of_an_outsider_is_refused_at_the_server(scenario: dict[str, Any]) -> None:
+    """ca.crt and a site's folder are not enough to start anything."""
+    text = scenario["rogue"]["outsider"]
+    assert not text.startswith("rc=0"), text[-2000:]
+    assert "Authentication failed" in text
+    root = scenario["root"]
+    assert not (root / "outsider.marker").exists()
+    assert not (root / "outsider.marker.site").exists()
+    server = _plain(scenario["logs"] / "server.log")
+    assert "PathFed: Control API call refused" in server
+    assert '"POST /v1/control/start-run HTTP/1.1" 401' in server
+
+
+def test_unsigned_app_is_refused_by_every_site(scenario: dict[str, Any]) -> None:
+    """Even with the coordinator's token, no site runs an app the consortium did not sign."""
+    root = scenario["root"]
+    assert (root / "insider.marker").exists()  # the token holder's server app did start
+    assert not (root / "insider.marker.site").exists(), "a site ran the rogue app"
+    for name in SITES:
+        log = _plain(scenario["logs"] / f"{name}.log")
+        assert "FAB could not be verified" in log or "FAB verification failed" in log, name
+
+
+def test_run_that_trains_nothing_fails(scenario: dict[str, Any]) -> None:
+    result = scenario["mismatch"]
+    assert result.returncode != 0, result.stdout[-2000:] + result.stderr[-2000:]
+    text = result.stdout + result.stderr
+    assert "no round produced a global model" in text
+    assert "input features" in text and "32" in text and "21" in text
+    summary = json.loads((scenario["root"] / "mismatch" / "summary.json").read_text())
+    assert summary["rounds_with_model"] == 0 and summary["error"]
 
 
 def _records(s: dict[str, Any]) -> list[dict[str, Any]]:
@@ -187,9 +347,10 @@ def test_epsilon_is_neither_lost_nor_double_counted(scenario: dict[str, Any]) ->
     cfg = scenario["cfg"]
     summary = json.loads((Path(cfg.out) / "summary.json").read_text())
     for name, rounds in (("alpha", 4), ("beta", 4), ("gamma", 1)):
-        state_file = (scenario["consortium"].site_dir(name) / "state"
-                      / "site-state-scenario.json")
-        history = json.loads(json.loads(state_file.read_text())["accountant"])["history"]
+        state_file = scenario["consortium"].site_dir(name) / "state" / "site-state.json"
+        state = json.loads(state_file.read_text())
+        assert state["site"] == name
+        history = json.loads(state["runs"]["scenario"]["accountant"])["history"]
         trained = [r for r in _records(scenario) if r["site"] == name and r.get("trained")]
         assert len(trained) == rounds
         assert sum(h[2] for h in history) == sum(r["steps"] for r in trained)
@@ -197,6 +358,19 @@ def test_epsilon_is_neither_lost_nor_double_counted(scenario: dict[str, Any]) ->
         assert trained[-1]["epsilon"] == pytest.approx(eps, rel=1e-9)
         if name != "gamma":
             assert summary["epsilon"][name] == pytest.approx(eps, rel=1e-9)
+
+
+def test_sites_decide_their_own_noise(scenario: dict[str, Any]) -> None:
+    """The server asked for seeded noise (deterministic = true); only the sites whose own
+    node config says so seeded it, and the ledger says which."""
+    from common.ledger import verify_ledger
+
+    assert scenario["cfg"].deterministic
+    noise = {e["record"]["site"]: e["record"]["noise"]
+             for e in verify_ledger(Path(scenario["cfg"].out) / "ledger.jsonl")
+             .records("site-round")}
+    assert noise["gamma"].startswith("csprng")
+    assert noise["alpha"].startswith("seeded") and noise["beta"].startswith("seeded")
 
 
 def test_checkpoints_decrypt_only_with_the_right_key(scenario: dict[str, Any]) -> None:
@@ -217,6 +391,8 @@ def test_checkpoints_decrypt_only_with_the_right_key(scenario: dict[str, Any]) -
 def test_private_keys_are_owner_only(scenario: dict[str, Any]) -> None:
     root = scenario["consortium"].root
     for key in [root / "ca.key", root / "server.key", root / "checkpoint.key",
+                root / "coordinator.token", root / "superexec.secret",
+                root / "app-signing.key", root / "flwr-home" / "credentials.yaml",
                 *root.glob("sites/*/supernode.key")]:
         assert key.stat().st_mode & 0o777 == 0o600, key
 
@@ -230,7 +406,8 @@ def test_privacy_ledger_of_the_deployed_run_verifies(scenario: dict[str, Any]) -
     report = audit_run(scenario["cfg"].out, trusted_keys=keys)
     assert report.ok, report.all_problems
     claimed = {s.site: s for s in report.sites}
-    assert set(claimed) == set(SITES)
+    assert set(claimed) == {*SITES, "delta"}  # delta is enrolled, never started in this run
+    assert claimed.pop("delta").rounds_trained == []
     assert claimed["gamma"].rounds_trained == [1]
     assert claimed["alpha"].rounds_trained == [1, 2, 3, 4]
     for site in claimed.values():

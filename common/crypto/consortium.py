@@ -8,10 +8,16 @@ CONSORTIUM/
   ca.crt, ca.key          consortium CA (key 0600; keep it offline once sites are enrolled)
   server.crt, server.key  SuperLink TLS certificate (SANs: every --server-host) and key
   checkpoint.key          AES-256-GCM key of the encrypted global checkpoints (0600)
+  coordinator.token       the coordinator's Control API token (0600): only its holder
+                          starts runs; coordinator.token.sha256 is what the server checks
+  superexec.secret        shared secret of the SuperLink and its SuperExec (0600)
+  app-signing.key         Ed25519 key that signs the consortium's Flower app (0600);
+                          trusted-entities.yaml holds its public key for the sites
+  apps/                   the signed app (FAB) that runs are started with
   allow-list/NAME.pub     OpenSSH public keys of the sites allowed to connect
   ledger/                 privacy-ledger keys: server.key (0600), public/NAME.pub.pem
   sites/NAME/             what a site takes home: supernode.key and ledger.key (0600),
-                          supernode.pub, ca.crt, site.json
+                          supernode.pub, ca.crt, trusted-entities.yaml, site.json
 ```
 
 Private keys are written with mode 0600 and never logged.
@@ -38,6 +44,40 @@ from common.crypto.signing import SigningKey
 from common.errors import ConfigError
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+RESERVED_NAMES = frozenset({"server", "global", "default"})
+"""Names a site cannot take: the server's ledger key, the global metric record."""
+HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def check_site_name(name: str) -> str:
+    """``name`` if it is a valid site name, else :class:`ConfigError` saying why."""
+    if not isinstance(name, str) or not SITE_NAME.match(name) or ".." in name:
+        raise ConfigError(f"site name {name!r}: use letters, digits, '.', '_' or '-' "
+                          "(at most 63, starting with a letter or digit; no '/' or '..')")
+    if name.lower() in RESERVED_NAMES:
+        raise ConfigError(f"site name {name!r} is reserved (taken by the server or the "
+                          f"federation's records: {', '.join(sorted(RESERVED_NAMES))})")
+    return name
+
+
+def check_host(host: str) -> str:
+    """A server host name or IP address the sites can use, else :class:`ConfigError`."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    if not host or not host.isascii() or not HOST_NAME.match(host):
+        raise ConfigError(f"--server-host: {host!r} is not a host name or IP address "
+                          "(ASCII letters, digits, '-' and '.'; e.g. fl.example.org)")
+    return host
+
+
+def check_port(port: int) -> int:
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ConfigError(f"--port: {port!r} is not a TCP port (1-65535)")
+    return port
 DEFAULT_PORT = 9091
 CERT_DAYS = 825
 
@@ -85,6 +125,12 @@ class Consortium:
         return f"{s['server_hosts'][0]}:{s['port']}"
 
     ca_cert = property(lambda self: self.root / "ca.crt")
+    coordinator_token = property(lambda self: self.root / "coordinator.token")
+    coordinator_digest = property(lambda self: self.root / "coordinator.token.sha256")
+    superexec_secret = property(lambda self: self.root / "superexec.secret")
+    app_signing_key = property(lambda self: self.root / "app-signing.key")
+    trusted_entities = property(lambda self: self.root / "trusted-entities.yaml")
+    app_store = property(lambda self: self.root / "apps")
     server_cert = property(lambda self: self.root / "server.crt")
     server_key = property(lambda self: self.root / "server.key")
     checkpoint_key = property(lambda self: self.root / "checkpoint.key")
@@ -104,8 +150,12 @@ def init_consortium(root: str | Path, server_hosts: list[str],
     root = Path(root)
     if (root / "consortium.json").exists():
         raise ConfigError(f"{root}: already a consortium folder; choose another DIR")
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{root}: is a file; choose a folder for the consortium")
     if not server_hosts:
         raise ConfigError("--server-host: give the name or IP the sites use to reach the server")
+    server_hosts = [check_host(h) for h in server_hosts]
+    check_port(port)
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA")])
@@ -141,6 +191,7 @@ def init_consortium(root: str | Path, server_hosts: list[str],
     _write_private(root / "server.key", _pem_key(server_key))
     (root / "server.crt").write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     _write_private(root / "checkpoint.key", os.urandom(32).hex().encode() + b"\n")
+    _make_access_keys(root)
     (root / "allow-list").mkdir(exist_ok=True)
     ledger_key = SigningKey.generate()
     ledger_key.save(root / "ledger" / "server.key")
@@ -150,12 +201,36 @@ def init_consortium(root: str | Path, server_hosts: list[str],
     return Consortium(root)
 
 
+APP_KEY_ID = "fpk_pathfed"
+
+
+def _make_access_keys(root: Path) -> None:
+    """Who may start runs (the coordinator's token) and which app sites run (signing key)."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    token = os.urandom(32).hex()
+    _write_private(root / "coordinator.token", token.encode() + b"\n")
+    (root / "coordinator.token.sha256").write_text(
+        hashlib.sha256(token.encode()).hexdigest() + "\n")
+    _write_private(root / "superexec.secret", os.urandom(32))
+    key = ed25519.Ed25519PrivateKey.generate()
+    _write_private(root / "app-signing.key", key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption()))
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH).decode()
+    (root / "trusted-entities.yaml").write_text(
+        "# The consortium's app-signing key: this site's SuperNode runs only apps it signed.\n"
+        f'{APP_KEY_ID}: "{public} pathfed-consortium"\n')
+
+
 def enroll_site(root: str | Path, name: str) -> Path:
     """Make a site's SuperNode key pair, allow-list its public key; return its folder."""
     consortium = Consortium(Path(root))
     consortium.settings  # noqa: B018  (raises a clear error if not a consortium)
-    if not SITE_NAME.match(name):
-        raise ConfigError(f"site name {name!r}: use letters, digits, '.', '_' or '-' (max 63)")
+    check_site_name(name)
     if (consortium.allow_list / f"{name}.pub").exists():
         raise ConfigError(f"site {name!r} is already enrolled in {consortium.root}")
     key = ec.generate_private_key(ec.SECP384R1())
@@ -167,6 +242,7 @@ def enroll_site(root: str | Path, name: str) -> Path:
                                            serialization.PublicFormat.OpenSSH)
     (site_dir / "supernode.pub").write_bytes(public + b"\n")
     shutil.copyfile(consortium.ca_cert, site_dir / "ca.crt")
+    shutil.copyfile(consortium.trusted_entities, site_dir / "trusted-entities.yaml")
     ledger_key = SigningKey.generate()  # signs the site's privacy-ledger records
     ledger_key.save(site_dir / "ledger.key")
     ledger_key.save_public(consortium.ledger_keys / "public" / f"{name}.pub.pem")
@@ -180,6 +256,7 @@ def enroll_site(root: str | Path, name: str) -> Path:
 def remove_site(root: str | Path, name: str) -> None:
     """Take a site off the allow-list (the server unregisters it at its next start)."""
     consortium = Consortium(Path(root))
+    check_site_name(name)
     path = consortium.allow_list / f"{name}.pub"
     if not path.exists():
         raise ConfigError(f"site {name!r} is not enrolled in {root}")

@@ -1,8 +1,10 @@
 """Encryption of global checkpoints at rest: AES-256-GCM (``cryptography``).
 
-A sealed file is ``MAGIC | 12-byte nonce | ciphertext+tag``; the file's name is bound in
-as associated data, so a checkpoint renamed to another round does not decrypt either.
-The key (32 bytes, hex) comes from a file or from ``PATHFED_CHECKPOINT_KEY``.
+A sealed file is ``MAGIC | 2-byte length | run id | 12-byte nonce | ciphertext+tag``. The
+run id and the file's name (its round) are bound in as associated data, so a checkpoint
+renamed to another round, or copied into another run, does not decrypt; the run id is
+readable without the key (:func:`sealed_run`). The key (32 bytes, hex) comes from a file
+or from ``PATHFED_CHECKPOINT_KEY``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from common.errors import ConfigError, DataError
 
-MAGIC = b"PATHFED-AESGCM-1\n"
+MAGIC = b"PATHFED-AESGCM-2\n"
 KEY_ENV = "PATHFED_CHECKPOINT_KEY"
 KEY_FILE_ENV = "PATHFED_CHECKPOINT_KEY_FILE"
 SUFFIX = ".enc"
@@ -39,24 +41,55 @@ def load_key(path: str | Path | None = None) -> bytes | None:
             return parse_key(Path(path).read_text(), str(path))
         except FileNotFoundError:
             raise ConfigError(f"{path}: checkpoint key file not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a folder; give the checkpoint key file "
+                              "(consortium/checkpoint.key)") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read the checkpoint key ({err})") from None
     if os.environ.get(KEY_ENV):
         return parse_key(os.environ[KEY_ENV], KEY_ENV)
     return None
 
 
-def seal(data: bytes, key: bytes, name: str) -> bytes:
+def _associated(run: str, name: str) -> bytes:
+    return run.encode() + b"\x00" + name.encode()
+
+
+def seal(data: bytes, key: bytes, name: str, run: str = "") -> bytes:
+    """Encrypt ``data``, binding the run id ``run`` and the file name ``name``."""
     nonce = os.urandom(12)
-    return MAGIC + nonce + AESGCM(key).encrypt(nonce, data, name.encode())
+    header = len(run.encode()).to_bytes(2, "big") + run.encode()
+    return MAGIC + header + nonce + AESGCM(key).encrypt(nonce, data, _associated(run, name))
 
 
-def unseal(blob: bytes, key: bytes, name: str, source: str) -> bytes:
-    """Decrypt; a wrong key, a tampered or renamed file gives a clear error."""
+def _split(blob: bytes, source: str) -> tuple[str, bytes, bytes]:
     if not blob.startswith(MAGIC):
         raise DataError(f"{source}: not an encrypted PathFed checkpoint")
-    nonce = blob[len(MAGIC): len(MAGIC) + 12]
+    rest = blob[len(MAGIC):]
+    size = int.from_bytes(rest[:2], "big")
     try:
-        return AESGCM(key).decrypt(nonce, blob[len(MAGIC) + 12:], name.encode())
+        run = rest[2:2 + size].decode()
+    except UnicodeDecodeError:
+        raise DataError(f"{source}: damaged encrypted checkpoint (run id)") from None
+    body = rest[2 + size:]
+    return run, body[:12], body[12:]
+
+
+def sealed_run(blob: bytes, source: str = "checkpoint") -> str:
+    """The run id a sealed checkpoint says it belongs to (authenticated on decryption)."""
+    return _split(blob, source)[0]
+
+
+def unseal(blob: bytes, key: bytes, name: str, source: str, run: str | None = None) -> bytes:
+    """Decrypt; a wrong key, a tampered or renamed file, or (given ``run``) a checkpoint of
+    another run gives a clear error."""
+    own, nonce, body = _split(blob, source)
+    if run is not None and own != run:
+        raise DataError(f"{source}: a checkpoint of run {own!r}, not of this run ({run!r})")
+    try:
+        return AESGCM(key).decrypt(nonce, body, _associated(own, name))
     except InvalidTag:
         raise DataError(
-            f"{source}: cannot decrypt: wrong checkpoint key, or the file was altered or renamed"
+            f"{source}: cannot decrypt: wrong checkpoint key, or the file was altered, "
+            "renamed or moved from another run"
         ) from None
