@@ -8,6 +8,8 @@ keys and are validated here, once, at the edge.
 
 from __future__ import annotations
 
+import math
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,7 +28,8 @@ class FederationConfig(BaseModel):
     """Settings of one federated run, shared by the server and every site."""
 
     model_config = ConfigDict(
-        frozen=True, extra="forbid", alias_generator=_kebab, populate_by_name=True
+        frozen=True, extra="forbid", alias_generator=_kebab, populate_by_name=True,
+        allow_inf_nan=False,
     )
 
     # Federation
@@ -35,7 +38,8 @@ class FederationConfig(BaseModel):
     fraction_fit: float = Field(
         1.0, gt=0.0, le=1.0, description="Fraction of sites asked to train each round."
     )
-    seed: int = Field(0, ge=0, description="Seed of data splits, initial model and sampling.")
+    seed: int = Field(0, ge=0, le=2**63 - 1,
+                      description="Seed of data splits, initial model and sampling.")
     out: str = Field("", description="Run folder; empty means runs/<timestamp>.")
     run_id: str = Field(
         "", description="Name of the federation; deployed sites keep their privacy state by it."
@@ -63,7 +67,7 @@ class FederationConfig(BaseModel):
     synthetic_bags: int = Field(
         300, ge=8, le=100_000, description="Synthetic bags per site (train + validation)."
     )
-    patch_size: int = Field(32, ge=8, le=4096, description="Patch size in pixels (images).")
+    patch_size: int = Field(32, ge=8, le=1024, description="Patch size in pixels (images).")
     encoder: str = Field("color-texture", description="Patch encoder for image folders.")
     patches_per_slide: int = Field(
         16, ge=1, le=4096,
@@ -91,7 +95,9 @@ class FederationConfig(BaseModel):
         "",
         description="Per-site epsilon overrides, 'site-0=1.0,site-2=3'.",
     )
-    max_grad_norm: float = Field(1.0, gt=0.0, description="Per-slide gradient clipping norm.")
+    max_grad_norm: float = Field(
+        1.0, gt=0.0, le=1e6,
+        description="Gradient clipping norm: per slide with DP, per batch without.")
     max_noise_multiplier: float = Field(
         20.0,
         gt=0.0,
@@ -99,6 +105,11 @@ class FederationConfig(BaseModel):
         "runs out before the planned rounds.",
     )
     accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant.")
+    release_train_loss: bool = Field(
+        False,
+        description="Sites also send their mean training loss each round: an un-noised "
+        "statistic of their data that DP does not cover (off by default).",
+    )
 
     # Secure aggregation
     secagg: bool = Field(True, description="Aggregate through Flower's SecAgg+ workflow.")
@@ -120,6 +131,14 @@ class FederationConfig(BaseModel):
         description="SecAgg+ clipping range of update values; 0 derives it from lr and steps.",
     )
     timeout: float = Field(600.0, gt=0.0, description="Seconds to wait for site replies.")
+
+    @field_validator("run_id")
+    @classmethod
+    def _check_run_id(cls, value: str) -> str:
+        if value and not RUN_ID.match(value):
+            raise ValueError("must be letters, digits, '.', '_' or '-' (at most 128; no path "
+                             "separators or '..')")
+        return value
 
     @field_validator("site_epsilon")
     @classmethod
@@ -165,6 +184,9 @@ class FederationConfig(BaseModel):
             raise ConfigError(_describe(err, source)) from None
 
 
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
 def parse_site_values(text: str) -> dict[str, float]:
     """Parse ``'site-0=1.5,site-2=3'`` into ``{'site-0': 1.5, 'site-2': 3.0}``."""
     out: dict[str, float] = {}
@@ -174,7 +196,7 @@ def parse_site_values(text: str) -> dict[str, float]:
             number = float(value)
         except ValueError:
             number = -1.0
-        if not sep or not name.strip() or number <= 0:
+        if not sep or not name.strip() or not math.isfinite(number) or number <= 0:
             raise ValueError(
                 f"site-epsilon: {item!r} is not NAME=POSITIVE_NUMBER (e.g. 'site-0=1.5')"
             )
@@ -185,13 +207,17 @@ def parse_site_values(text: str) -> dict[str, float]:
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file into a flat mapping (no validation yet)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; --config takes a TOML file")
     try:
         with path.open("rb") as fh:
             raw = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except tomllib.TOMLDecodeError as err:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
     # Accept either a flat file or the pyproject-style [tool.flwr.app.config] table.
     table = raw.get("tool", {}).get("flwr", {}).get("app", {}).get("config", raw)
     return dict(table)

@@ -98,7 +98,10 @@ def _check_data(cfg: Any) -> None:
         return
     from common.data.h5 import is_h5_folder
 
-    if is_h5_folder(cfg.data):  # prepared features: checked when loaded
+    if is_h5_folder(cfg.data):  # prepared features: every file read once, here
+        from common.data.h5 import load_h5_bags
+
+        load_h5_bags(cfg.data)
         return
     from common.data.images import assign_sites, read_image, read_labels
 
@@ -134,11 +137,16 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     summary = simulate(cfg, verbose=args.verbose)
     wall = time.perf_counter() - start
-    if not summary.get("rounds") or summary.get("auc") is None:
-        log.error("no round completed; see the log above (run folder %s)", cfg.out)
+    if not summary.get("rounds_with_model"):
+        log.error("no round produced a global model (%s); see the log above (run folder %s)",
+                  summary.get("error") or "every update was rejected or failed", cfg.out)
         return 1
     eps = ", ".join(f"{k}={v:.3f}" for k, v in summary["epsilon"].items())
-    print(f"done in {wall:.1f} s: AUC {summary['auc']:.3f}, accuracy {summary['accuracy']:.3f}"
+    auc = "undefined (validation slides of one class)" if summary.get("auc") is None \
+        else f"{summary['auc']:.3f}"
+    acc = "n/a" if summary.get("accuracy") is None else f"{summary['accuracy']:.3f}"
+    print(f"done in {wall:.1f} s, {summary['rounds_with_model']} rounds: AUC {auc}, "
+          f"accuracy {acc}"
           + (f", epsilon {eps} at delta {summary['delta']:g}" if summary["dp"] else ", no DP"))
     print(f"results: {Path(cfg.out) / 'summary.json'}, metrics.jsonl, checkpoints/")
     return 0

@@ -115,3 +115,26 @@ def test_consortium_init_and_site_enroll(tmp_path: Path) -> None:
     assert r.returncode == 0 and not (root / "allow-list" / "hospital-a.pub").exists()
     _bad(pathfed("checkpoint", "decrypt", str(tmp_path / "nope.npz.enc"), "--key-file",
                  str(root / "checkpoint.key"), "--out", str(tmp_path / "x.npz")), "nope")
+
+
+@pytest.mark.parametrize("summary, rc, words", [
+    ({"rounds": 8, "rounds_with_model": 8, "auc": None, "accuracy": 0.5,
+      "epsilon": {"site-0": 1.0}, "dp": True, "delta": 1e-5}, 0,
+     ["8 rounds", "AUC undefined"]),
+    ({"rounds": 8, "rounds_with_model": 0, "auc": None, "accuracy": None,
+      "epsilon": {}, "dp": True, "delta": 1e-5, "error": "round 1: every site failed"}, 1,
+     ["no round produced a global model", "every site failed"]),
+])
+def test_simulate_exit_status_follows_what_was_trained(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        summary: dict, rc: int, words: list[str]) -> None:
+    """8 rounds with an undefined AUC succeed; a run that trained nothing fails."""
+    import simulations.simulate
+    from simulations.cli import main
+
+    monkeypatch.setattr(simulations.simulate, "simulate", lambda cfg, verbose=False: summary)
+    assert main(["simulate", "--out", str(tmp_path / "r")]) == rc
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    for word in words:
+        assert word in text, text

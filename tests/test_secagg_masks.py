@@ -156,3 +156,24 @@ def test_masked_vectors_travel_as_uint32_and_sum_as_flower_would() -> None:
     # anything that does not fit 32 bits keeps Flower's encoding
     wide = np.array([-1, 2**33], dtype=np.int64)
     assert client_seam.packed_encode(wide) == ndarray_to_bytes(wide)
+
+
+def test_every_byte_of_the_secret_keys_the_masks() -> None:
+    """A key derived from part of the shared secret (say its first 4 bytes, or 31 of 32)
+    fails here: changing any single byte must give unrelated masks."""
+    key = os.urandom(32)
+    base = expand_masks(key, MOD, [(512,)])[0]
+    for i in range(len(key)):
+        other = bytearray(key)
+        other[i] ^= 0x01
+        masks = expand_masks(bytes(other), MOD, [(512,)])[0]
+        assert (masks == base).mean() < 0.01, f"byte {i} of the secret does not key the masks"
+
+
+def test_round_and_array_index_key_the_masks() -> None:
+    """Masks of one round never reappear in another (a replayed vector cannot be unmasked
+    with old shares); neither do two arrays of one round share masks."""
+    key = os.urandom(32)
+    r1 = expand_masks(key, MOD, [(512,), (512,)], round_number=1)
+    r2 = expand_masks(key, MOD, [(512,), (512,)], round_number=2)
+    assert (r1[0] == r2[0]).mean() < 0.01 and (r1[0] == r1[1]).mean() < 0.01

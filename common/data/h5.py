@@ -8,7 +8,6 @@ Hospitals are formed from whole ``tma_group``/``site`` values, as for image fold
 
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from common.data.bags import SiteData, split_bags
-from common.data.images import NEGATIVE, POSITIVE, LabelledImage, assign_sites
+from common.data.images import LabelledImage, assign_sites
+from common.data.labels import read_label_rows
 from common.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -42,19 +42,6 @@ def is_h5_folder(data: str | Path) -> bool:
     return Path(data).is_dir() and (Path(data) / MANIFEST).is_file()
 
 
-def _read_labels(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        raise DataError(f"{path}: labels file missing; it needs columns "
-                        "slide,label[,tma_group|site][,patient]")
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        if not ({"slide", "image"} & set(columns)) or "label" not in columns:
-            raise DataError(f"{path}: header is {columns or 'empty'}; expected columns "
-                            "slide,label[,tma_group|site][,patient]")
-        return [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
-
-
 def load_h5_bags(folder: str | Path, labels_csv: str | Path | None = None) -> H5Bags:
     """Bags (``features`` of each slide's HDF5 file) and labels of a prepared folder.
 
@@ -70,40 +57,51 @@ def load_h5_bags(folder: str | Path, labels_csv: str | Path | None = None) -> H5
     if not folder.is_dir():
         raise DataError(f"{folder}: feature folder not found (run `pathfed prepare` first)")
     labels_path = Path(labels_csv) if labels_csv else folder / LABELS
-    rows = _read_labels(labels_path)
+    rows = read_label_rows(labels_path, ("slide", "image"))
     out = H5Bags([], np.zeros(0, np.int64), [], [], [], [])
     labels: list[int] = []
     dims: set[int] = set()
-    for line, row in enumerate(rows, start=2):
-        name = row.get("slide") or row.get("image") or ""
-        raw = row.get("label", "").lower()
-        if not name:
-            raise DataError(f"{labels_path}: line {line}: empty slide name")
-        if raw not in POSITIVE | NEGATIVE:
-            raise DataError(f"{labels_path}: line {line}: label {raw!r} is not one of "
-                            f"{sorted(POSITIVE | NEGATIVE)}")
+    encoders: dict[tuple[str, str], str] = {}
+    missing = []
+    for row in rows:
+        name = row.name
         stem = Path(name).stem if Path(name).suffix else name
         h5_path = folder / f"{stem}.h5"
         if not h5_path.is_file():
-            log.warning("%s: no feature file for %s (see %s); skipped", h5_path, name,
-                        folder / MANIFEST)
+            missing.append(name)
             continue
         try:
             with h5py.File(h5_path, "r") as h5:
                 features = np.asarray(h5["features"], dtype=np.float32)
-        except (OSError, KeyError) as err:
-            raise DataError(f"{h5_path}: not a PathFed feature file ({err}); re-run "
-                            "`pathfed prepare`") from None
+                made_by = (str(h5.attrs.get("encoder", "")), str(h5.attrs.get("weights_hash", "")))
+        except (OSError, KeyError, ValueError) as err:
+            raise DataError(f"{h5_path}: not a PathFed feature file or damaged ({err}); "
+                            "re-run `pathfed prepare` on its slide") from None
         if features.ndim != 2 or len(features) == 0:
             log.warning("%s: no patch features; skipped", h5_path)
             continue
+        if not np.isfinite(features).all():
+            bad = int((~np.isfinite(features)).any(axis=1).sum())
+            raise DataError(f"{h5_path}: {bad} patch(es) with NaN or inf features; re-run "
+                            "`pathfed prepare` on its slide (or remove it from labels.csv)")
+        encoders.setdefault(made_by, h5_path.name)
         dims.add(features.shape[1])
         out.bags.append(features)
-        labels.append(1 if raw in POSITIVE else 0)
+        labels.append(row.label)
         out.names.append(name)
-        out.groups.append(row.get("tma_group") or row.get("site") or name)
-        out.patients.append(row.get("patient") or "")
+        out.groups.append(row.group)
+        out.patients.append(row.patient or "")
         out.paths.append(h5_path)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5
+                                          else "")
+        log.warning("%s: %d labelled slide(s) have no feature file (%s); skipped, see %s",
+                    folder, len(missing), shown, folder / MANIFEST)
+    if len(encoders) > 1:
+        (a, first), (b, second) = list(encoders.items())[:2]
+        raise DataError(f"{folder}: feature files made by different encoders or weights "
+                        f"({first}: {a[0]} {a[1][:12] or '-'}; {second}: {b[0]} "
+                        f"{b[1][:12] or '-'}); prepare every slide with one encoder")
     if not out.bags:
         raise DataError(f"{folder}: none of the {len(rows)} slides in {labels_path} has a "
                         "feature file; run `pathfed prepare` on the slides")
@@ -119,8 +117,12 @@ def h5_feature_dim(folder: str | Path) -> int:
     import h5py
 
     for path in sorted(Path(folder).glob("*.h5")):
-        with h5py.File(path, "r") as h5:
-            return int(h5["features"].shape[1])
+        try:
+            with h5py.File(path, "r") as h5:
+                return int(h5["features"].shape[1])
+        except (OSError, KeyError, ValueError, IndexError) as err:
+            raise DataError(f"{path}: not a PathFed feature file or damaged ({err}); re-run "
+                            "`pathfed prepare` on its slide") from None
     raise DataError(f"{folder}: no feature file (*.h5); run `pathfed prepare` first")
 
 

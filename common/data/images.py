@@ -9,7 +9,6 @@ encoder from :mod:`common.features`. Hospitals are formed from whole ``tma_group
 
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +17,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from common.data.bags import SiteData, split_bags
+from common.data.labels import NEGATIVE, POSITIVE, read_label_rows
 from common.errors import DataError, SlideReadError
 from common.features import get_encoder
 
 log = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.csv"
-POSITIVE = {"1", "malignant", "positive", "tumor", "tumour", "cancer", "true"}
-NEGATIVE = {"0", "benign", "negative", "normal", "false"}
 WHITE_LEVEL = 200
 MAX_WHITE_FRACTION = 0.75
 
@@ -41,52 +39,14 @@ class LabelledImage:
 
 
 def read_labels(folder: Path) -> list[LabelledImage]:
-    """Read and check ``folder/labels.csv`` (``image,label[,tma_group][,patient][,mask]``);
-    raise :class:`DataError` naming the problem. With a ``patient`` column the privacy
-    unit becomes the patient."""
+    """Read and check ``folder/labels.csv`` (``image,label[,tma_group][,patient][,mask]``,
+    see :func:`common.data.labels.read_label_rows`); raise :class:`DataError` naming the
+    problem. With a ``patient`` column the privacy unit becomes the patient."""
     if not folder.is_dir():
         raise DataError(f"{folder}: data folder not found (give a folder holding {LABELS_FILE})")
-    labels_path = folder / LABELS_FILE
-    if not labels_path.is_file():
-        raise DataError(
-            f"{labels_path}: missing; the data folder needs {LABELS_FILE} with columns "
-            "image,label[,tma_group]"
-        )
-    with labels_path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        if "image" not in columns or "label" not in columns:
-            raise DataError(
-                f"{labels_path}: header is {columns or 'empty'}; "
-                "expected columns image,label[,tma_group]"
-            )
-        rows = list(reader)
-    if not rows:
-        raise DataError(f"{labels_path}: no rows; add one line per image")
-    items = []
-    for line, row in enumerate(rows, start=2):
-        name = (row.get("image") or "").strip()
-        raw = (row.get("label") or "").strip().lower()
-        if not name:
-            raise DataError(f"{labels_path}: line {line}: empty image name")
-        if raw in POSITIVE:
-            label = 1
-        elif raw in NEGATIVE:
-            label = 0
-        else:
-            raise DataError(
-                f"{labels_path}: line {line}: label {raw!r} is not one of "
-                f"{sorted(POSITIVE | NEGATIVE)}"
-            )
-        group = (row.get("tma_group") or "").strip() or name
-        patient = (row.get("patient") or "").strip() or None
-        if "patient" in columns and patient is None:
-            raise DataError(f"{labels_path}: line {line}: empty patient; give every image's "
-                            "patient, or drop the column for slide-level privacy")
-        mask = (row.get("mask") or "").strip()
-        items.append(LabelledImage(folder / name, label, group, patient,
-                                   folder / mask if mask else None))
-    return items
+    rows = read_label_rows(folder / LABELS_FILE, ("image",))
+    return [LabelledImage(folder / r.name, r.label, r.group, r.patient,
+                          folder / r.mask if r.mask else None) for r in rows]
 
 
 def assign_sites(items: list[LabelledImage], n_sites: int) -> list[list[LabelledImage]]:

@@ -368,7 +368,46 @@ def prepare(
         except (RuntimeError, AssertionError) as err:
             raise ConfigError(f"device {device!r}: {err}") from None
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} is a file; give a folder for the feature files")
     out.mkdir(parents=True, exist_ok=True)
+    lock = _lock_folder(out)
+    try:
+        return _prepare_locked(slides, slides_dir, out, enc, mpp, patch_size,
+                               tissue_threshold, overlap, workers, slide_mpp, batch_size,
+                               thumbnail_size, progress)
+    finally:
+        lock.close()
+
+
+LOCK_FILE = ".prepare.lock"
+
+
+def _lock_folder(out: Path) -> Any:
+    """Hold ``out/.prepare.lock`` for the whole run: a second ``prepare`` on the same
+    folder is refused instead of deleting the first one's temporary files."""
+    import fcntl
+
+    fh = (out / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise DataError(f"{out}: another `pathfed prepare` ({holder}) is writing this folder; "
+                        "wait for it to finish or choose another --out") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def _prepare_locked(slides: list[Path], slides_dir: Path, out: Path, enc: Any, mpp: float,
+                    patch_size: int, tissue_threshold: float, overlap: int, workers: int,
+                    slide_mpp: float | None, batch_size: int, thumbnail_size: int,
+                    progress: bool) -> PrepareSummary:
     settings = PrepareSettings(mpp, patch_size, enc.name, enc.weights_hash, tissue_threshold,
                                overlap)
     manifest_path = out / MANIFEST
