@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,34 @@ def ucsb() -> Path:
 def keys() -> dict[str, SigningKey]:
     """Ledger signing keys of a server and two sites."""
     return {name: SigningKey.generate() for name in ("server", "site-0", "site-1")}
+
+
+@dataclass
+class CliResult:
+    """What a ``pathfed`` command printed and returned."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> CliResult:
+    """Run the real ``pathfed`` entry point in this process (no interpreter start-up, so
+    the quick tier stays quick); ``--help`` and argparse errors exit as they would."""
+    import contextlib
+    import io
+
+    from simulations.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            if cwd is not None:
+                os.chdir(cwd)
+            code = main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            os.chdir(here)
+    return CliResult(int(code), out.getvalue(), err.getvalue())

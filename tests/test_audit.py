@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import CliResult, run_cli
 
 from common.audit import audit_run
 from common.config import FederationConfig
@@ -147,9 +147,8 @@ def test_html_report(good_run: Path) -> None:
     assert "site-0" in text and "http" not in text.replace("https://", "")  # self-contained
 
 
-def pathfed(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "simulations.cli", "audit", *args],
-                          capture_output=True, text=True, timeout=300)
+def pathfed(*args: str) -> CliResult:
+    return run_cli("audit", *args)
 
 
 def test_cli_good_run_exits_0(good_run: Path, tmp_path: Path) -> None:
@@ -177,8 +176,8 @@ def test_cli_tampered_run_exits_1(good_run: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("keep", ["all but the end", "all but the last round",
                                   "the run start only"])
-def test_a_cut_ledger_is_incomplete_and_fails(good_run: Path, tmp_path: Path,
-                                              keep: str) -> None:
+def test_a_cut_ledger_is_incomplete_and_fails(good_run: Path, tmp_path: Path, keep: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
     """Removing the last line(s), even cleanly at a line boundary, never verifies."""
     run = tmp_path / "run"
     shutil.copytree(good_run, run)
@@ -189,8 +188,10 @@ def test_a_cut_ledger_is_incomplete_and_fails(good_run: Path, tmp_path: Path,
     report = audit_run(run)
     assert not report.ok
     assert any("incomplete" in p and "no run-end record" in p for p in report.problems)
-    r = pathfed(str(run))
-    assert r.returncode == 1 and "incomplete" in r.stdout, r.stdout + r.stderr
+    from simulations.cli import main
+
+    assert main(["audit", str(run)]) == 1
+    assert "incomplete" in capsys.readouterr().out
 
 
 def test_summary_and_checkpoints_are_cross_checked(good_run: Path, tmp_path: Path) -> None:

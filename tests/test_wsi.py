@@ -5,13 +5,13 @@ from __future__ import annotations
 import csv
 import logging
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+
+from tests.conftest import CliResult, run_cli
 from PIL import Image
 from scipy import ndimage
 
@@ -306,9 +306,8 @@ def test_workers_give_the_same_features(pyramid_slide: Path, tmp_path: Path) -> 
 
 # --- The command line ------------------------------------------------------------------
 
-def pathfed(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "simulations.cli", *args], capture_output=True,
-                          text=True, timeout=120)
+def pathfed(*args: str) -> CliResult:
+    return run_cli(*args)
 
 
 def test_cli_prepare(pyramid_slide: Path, tmp_path: Path) -> None:
