@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -99,17 +100,23 @@ class RunFolder:
         return target
 
     def latest_checkpoint(self) -> tuple[int, Path] | None:
-        """The last round with a checkpoint, and its file."""
-        found = sorted(self.path.glob("checkpoints/round-*.npz*"))
-        if not found:
-            return None
-        return int(found[-1].name[6:9]), found[-1]
+        """The last round with a checkpoint, and its file (by round number, not by name:
+        ``round-1000`` comes after ``round-999``)."""
+        found = []
+        for path in self.path.glob("checkpoints/round-*.npz*"):
+            match = CHECKPOINT.fullmatch(path.name)
+            if match:
+                found.append((int(match.group(1)), path))
+        return max(found) if found else None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of ``RUN_DIR/metrics.jsonl``."""
     with (Path(path) / "metrics.jsonl").open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+CHECKPOINT = re.compile(r"round-(\d+)\.npz(?:\.enc)?")
 
 
 def checkpoint_name(server_round: int) -> str:

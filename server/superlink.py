@@ -45,7 +45,6 @@ import time
 from collections.abc import Sequence
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
 
 import flwr
 from flwr.common.constant import (

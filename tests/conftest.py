@@ -47,7 +47,7 @@ def run_cli(*args: str, cwd: Path | None = None) -> CliResult:
     import contextlib
     import io
 
-    from simulations.cli import main
+    from cli import main
 
     out, err = io.StringIO(), io.StringIO()
     here = os.getcwd()

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CliResult, run_cli
-
+from cli.audit import render_html
 from common.audit import audit_run
 from common.config import FederationConfig
 from common.crypto.signing import SigningKey
 from common.fedavg import run_inprocess
 from common.ledger import LEDGER_FILE, Ledger, envelope_hash, sign_record
-from simulations.audit import render_html
+from tests.conftest import CliResult, run_cli
 
 TINY = dict(sites=2, rounds=2, synthetic_bags=40, seed=11, batch_size=16, epsilon=3.0,
             delta=1e-3, secagg=False)
@@ -188,7 +187,7 @@ def test_a_cut_ledger_is_incomplete_and_fails(good_run: Path, tmp_path: Path, ke
     report = audit_run(run)
     assert not report.ok
     assert any("incomplete" in p and "no run-end record" in p for p in report.problems)
-    from simulations.cli import main
+    from cli import main
 
     assert main(["audit", str(run)]) == 1
     assert "incomplete" in capsys.readouterr().out
@@ -213,7 +212,7 @@ def test_summary_and_checkpoints_are_cross_checked(good_run: Path, tmp_path: Pat
 
 
 def test_cli_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from simulations.cli import main
+    from cli import main
 
     assert main(["audit", str(tmp_path / "nope")]) == 2
     assert "run folder not found" in capsys.readouterr().err
@@ -262,7 +261,7 @@ def test_attack_beats_chance_without_dp() -> None:
 @pytest.mark.slow
 def test_attack_under_dp_stays_below_the_claim(good_run: Path, tmp_path: Path) -> None:
     """`pathfed audit --attack` on a DP run: the empirical bound never exceeds the claim."""
-    from simulations.cli import main
+    from cli import main
 
     out = tmp_path / "audit.json"
     code = main(["audit", str(good_run), "--attack", "--attack-models", "8",

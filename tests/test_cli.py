@@ -132,7 +132,7 @@ def test_simulate_exit_status_follows_what_was_trained(
         summary: dict, rc: int, words: list[str]) -> None:
     """8 rounds with an undefined AUC succeed; a run that trained nothing fails."""
     import simulations.simulate
-    from simulations.cli import main
+    from cli import main
 
     monkeypatch.setattr(simulations.simulate, "simulate", lambda cfg, verbose=False: summary)
     assert main(["simulate", "--out", str(tmp_path / "r")]) == rc

@@ -152,3 +152,14 @@ def test_folder_of_site_files_gives_each_site_its_own(tmp_path: Path) -> None:
     assert feature_dim(FederationConfig(data=str(tmp_path))) == dim
     with pytest.raises(DataError, match="3 site files.*sites = 3"):
         load_site(0, 4, str(tmp_path), 0, 0.3)
+
+
+def test_latest_checkpoint_past_round_999(tmp_path: Path) -> None:
+    from common.runs import RunFolder
+
+    run = RunFolder(tmp_path)
+    for rnd in (998, 999, 1000, 1001):
+        run.save_checkpoint(rnd, ["w"], [np.zeros(1, np.float32)])
+    (tmp_path / "checkpoints" / "round-notes.txt").write_text("ignored")
+    rnd, path = run.latest_checkpoint()
+    assert rnd == 1001 and path.name == "round-1001.npz"

@@ -134,7 +134,7 @@ def test_site_without_budget_refuses_and_the_others_go_on(runs: dict[str, Any]) 
 def test_demo_command_beats_chance(tmp_path: Path) -> None:
     """The README's main command on the embedded default: AUC > 0.8 within its rounds."""
     run = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--out", str(run)],
+    r = subprocess.run([sys.executable, "-m", "cli", "simulate", "--out", str(run)],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line for line in r.stderr.splitlines() if "| sites trained" in line]
@@ -200,7 +200,7 @@ def test_killed_and_resumed_simulation_spends_what_an_uninterrupted_one_does(
     import signal
     import time
 
-    args = [sys.executable, "-m", "simulations.cli", "simulate", "--rounds", "4", "--sites",
+    args = [sys.executable, "-m", "cli", "simulate", "--rounds", "4", "--sites",
             "2", "--seed", "3", "--set", "synthetic-bags=60"]
     whole = subprocess.run([*args, "--out", str(tmp_path / "whole")], capture_output=True,
                            text=True, timeout=600)

@@ -25,7 +25,6 @@ from common.ledger import (
     LEDGER_FILE,
     Ledger,
     encode_signed,
-    hash_arrays,
     sign_record,
     site_round_record,
     verify_ledger,

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli import main
 from common.crypto.consortium import enroll_site, init_consortium
 from common.errors import ConfigError, DataError
-from simulations.cli import main
 
 
 def _fails(capsys: pytest.CaptureFixture[str], argv: list[str], *words: str) -> str:

@@ -10,8 +10,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
-from tests.conftest import CliResult, run_cli
 from PIL import Image
 from scipy import ndimage
 
@@ -31,7 +29,7 @@ from common.wsi.stain import (
 from common.wsi.synthetic import synthetic_slide, synthetic_tissue
 from common.wsi.tiling import quality_flags
 from common.wsi.tissue import otsu_threshold, rgb_to_hsv
-from tests.conftest import CMU_SLIDE, UCSB
+from tests.conftest import CMU_SLIDE, UCSB, CliResult, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from common.data.bags import SiteData, split_bags
-from common.data.labels import NEGATIVE, POSITIVE, read_label_rows
+from common.data.labels import read_label_rows
 from common.errors import DataError, SlideReadError
 from common.features import get_encoder
 

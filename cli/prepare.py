@@ -46,9 +46,9 @@ def add_parser(sub: Any) -> None:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from simulations.cli import _setup_logging
+    from cli._shared import setup_logging
 
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     if args.verbose:
         logging.getLogger("common").setLevel(logging.DEBUG)
     from common.wsi.extract import prepare

@@ -1,45 +1,21 @@
-"""The ``pathfed`` command line.
-
-Heavy imports (torch, Flower, Ray) happen inside the commands, so ``pathfed --help`` and
-bad-input errors are instant. Bad input exits with code 2 and one line per problem.
-"""
+"""``pathfed simulate``: a federation of simulated hospitals on this machine."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common.errors import ConfigError, DataError, PathFedError, UnknownModelError
-from simulations import audit, deploy_cli, prepare
+from cli._shared import settings, setup_logging
+from common.errors import DataError
 
 log = logging.getLogger("pathfed")
 
-EXIT_BAD_INPUT = 2
 
-
-def _setup_logging(verbose: bool) -> None:
-    handler: logging.Handler
-    if sys.stderr.isatty():
-        from rich.logging import RichHandler
-
-        handler = RichHandler(show_path=False, show_level=verbose, markup=False,
-                              log_time_format="[%X]")
-        handler.setFormatter(logging.Formatter("%(message)s"))
-    else:  # logs and pipes: one unwrapped line per record, greppable
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    # Flower and Ray are chatty; PathFed prints one line per round.
-    for name in ("flwr", "ray", "filelock", "alembic"):
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
-
-
-def _simulate_parser(sub: Any) -> None:
+def add_parser(sub: Any) -> None:
+    """Register ``simulate``."""
     p = sub.add_parser(
         "simulate",
         help="run a simulated federation of hospitals on this machine",
@@ -60,36 +36,6 @@ def _simulate_parser(sub: Any) -> None:
                    help="any other setting, e.g. --set local-epochs=2 (repeatable)")
     p.add_argument("-v", "--verbose", action="store_true", help="show Flower's own log")
     p.set_defaults(func=_cmd_simulate)
-
-
-def _parse_value(text: str) -> Any:
-    import tomllib
-
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def simulate_config(args: argparse.Namespace) -> Any:
-    """Settings from defaults < --config FILE < --set < flags, validated once."""
-    from common.config import FederationConfig, load_config_file
-
-    values: dict[str, Any] = load_config_file(args.config) if args.config else {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set: {item!r} is not KEY=VALUE")
-        values[key.strip()] = _parse_value(value.strip())
-    flags = {"data": args.data, "sites": args.sites, "rounds": args.rounds,
-             "epsilon": args.epsilon, "delta": args.delta, "seed": args.seed, "out": args.out}
-    values.update({k: v for k, v in flags.items() if v is not None})
-    if args.no_dp:
-        values["dp"] = False
-    if args.no_secagg:
-        values["secagg"] = False
-    source = args.config or "settings"
-    return FederationConfig.from_mapping(values, source)
 
 
 def _check_data(cfg: Any) -> None:
@@ -127,10 +73,13 @@ def _check_data(cfg: Any) -> None:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from common.runs import default_run_dir
 
-    cfg = simulate_config(args)
+    cfg = settings(args.config, args.set, {
+        "data": args.data, "sites": args.sites, "rounds": args.rounds, "epsilon": args.epsilon,
+        "delta": args.delta, "seed": args.seed, "out": args.out,
+        "dp": False if args.no_dp else None, "secagg": False if args.no_secagg else None})
     if not cfg.out:
         cfg = cfg.model_copy(update={"out": str(default_run_dir())})
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     _check_data(cfg)
     from simulations.simulate import simulate
 
@@ -150,38 +99,3 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
           + (f", epsilon {eps} at delta {summary['delta']:g}" if summary["dp"] else ", no DP"))
     print(f"results: {Path(cfg.out) / 'summary.json'}, metrics.jsonl, checkpoints/")
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pathfed",
-        description="Federated, differentially private training for computational pathology.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _simulate_parser(sub)
-    prepare.add_parser(sub)
-    deploy_cli.add_parsers(sub)
-    audit.add_parser(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command != "simulate":
-        _setup_logging(verbose=False)
-    try:
-        return int(args.func(args))
-    except (ConfigError, UnknownModelError, DataError) as err:
-        print(f"pathfed: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except PathFedError as err:
-        print(f"pathfed: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("pathfed: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,83 @@
+"""What every ``pathfed`` command shares: logging, settings, output paths, waiting."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError
+
+log = logging.getLogger("pathfed")
+
+EXIT_BAD_INPUT = 2
+
+
+def setup_logging(verbose: bool) -> None:
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler = RichHandler(show_path=False, show_level=verbose, markup=False,
+                              log_time_format="[%X]")
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:  # logs and pipes: one unwrapped line per record, greppable
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    # Flower and Ray are chatty; PathFed prints one line per round.
+    for name in ("flwr", "ray", "filelock", "alembic"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def parse_value(text: str) -> Any:
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def settings(config: str | None, sets: Sequence[str], flags: Mapping[str, Any] | None = None,
+             ) -> Any:
+    """A validated :class:`~common.config.FederationConfig` from defaults < ``--config FILE``
+    < ``--set KEY=VALUE`` < ``flags`` (None values are left out)."""
+    from common.config import FederationConfig, load_config_file
+
+    values: dict[str, Any] = load_config_file(config) if config else {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set: {item!r} is not KEY=VALUE")
+        values[key.strip()] = parse_value(value.strip())
+    values.update({k: v for k, v in (flags or {}).items() if v is not None})
+    return FederationConfig.from_mapping(values, config or "settings")
+
+
+def check_out(out: str) -> None:
+    """An output file path must not be a folder, and its folder must exist."""
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"--out: {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--out: folder {path.parent} does not exist")
+
+
+def wait(proc: Any, what: str) -> int:
+    from common.deployment import stop_process
+
+    def _stop(signum: int, _frame: object) -> None:
+        stop_process(proc)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        return int(proc.wait())
+    except KeyboardInterrupt:
+        log.info("stopping %s", what)
+        stop_process(proc)
+        return 0
