@@ -180,7 +180,7 @@ class Site:
                                     "re-prepare it or remove it from labels.csv")
 
     def signed_record(self, report: SiteReport, received: NDArrays, server_round: int,
-                      key_path: str | Path, ledger_run: str | None = None) -> str:
+                      key_path: Any, ledger_run: str | None = None) -> str:
         """The round's ledger record, signed with the site's key, encoded as a metric.
 
         The record (hashes of the received model and of the update, the DP schedule, the
@@ -195,7 +195,8 @@ class Site:
             accountant=self.cfg.accountant, privacy_unit=self.privacy_unit,
             secagg=self.cfg.secagg, mask_generator=MASK_GENERATOR if self.cfg.secagg else None,
             previous=self.ledger_prev, run=ledger_run, noise=self.noise_source)
-        signed = sign_record(record, SigningKey.load(key_path), self.name)
+        key = key_path if isinstance(key_path, SigningKey) else SigningKey.load(key_path)
+        signed = sign_record(record, key, self.name)
         self.ledger_prev = envelope_hash(signed)
         return encode_signed(signed)
 
@@ -210,7 +211,7 @@ class Site:
             return NOISE_SOURCE
         return f"seeded: torch.Generator from seed {self.cfg.seed} (reproducible, not secret)"
 
-    def round(self, weights: NDArrays, server_round: int, key_path: str | Path | None = None,
+    def round(self, weights: NDArrays, server_round: int, key_path: Any = None,
               ledger_run: str | None = None) -> SiteReport:
         """One round as the site answers the server: train (or replay the reply already
         released for this round and model), sign the ledger record, and save the

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from flwr.app import Context
@@ -37,6 +36,29 @@ def open_ledger(cfg: FederationConfig, run: RunFolder, weights: list[Any]) -> Le
     return ledger
 
 
+def _recorded_checkpoint(run: RunFolder, cfg: FederationConfig) -> tuple[int, Any] | None:
+    """The last checkpoint the ledger recorded. A checkpoint written just before the
+    server was killed, before its ledger record, is set aside: the run resumes before it
+    (the sites re-send the replies they already released for that round)."""
+    from common.ledger import verify_ledger
+
+    latest = run.latest_checkpoint()
+    path = run.path / LEDGER_FILE
+    if latest is None or not cfg.keys or not path.is_file():
+        return latest
+    from common.runs import sha256_file
+
+    recorded = {r["record"]["round"]: r["record"].get("checkpoint_sha256")
+                for r in verify_ledger(path).records("server-round")}
+    while latest is not None and recorded.get(latest[0]) != sha256_file(latest[1]):
+        orphan = latest[1].with_name(latest[1].name + ".unrecorded")
+        latest[1].replace(orphan)
+        log.warning("%s has no ledger record (the server stopped while writing it); set "
+                    "aside as %s, resuming from the round before", latest[1].name, orphan.name)
+        latest = run.latest_checkpoint()
+    return latest
+
+
 def run_federation(grid: Grid, context: Context, cfg: FederationConfig) -> dict[str, Any]:
     """Run ``cfg.rounds`` rounds over the sites ``grid`` reaches; write the run folder."""
     key = load_key()
@@ -44,7 +66,7 @@ def run_federation(grid: Grid, context: Context, cfg: FederationConfig) -> dict[
     model = initial_model(cfg)
     names = list(model.state_dict().keys())
     weights, done, history = get_weights(model), 0, []
-    latest = run.latest_checkpoint()
+    latest = _recorded_checkpoint(run, cfg)
     if latest and not cfg.resume:
         raise ConfigError(f"{run.path}: holds checkpoints of an earlier run; resume it "
                           "(`resume = true`, `pathfed run --resume`) or choose another out")
@@ -59,9 +81,9 @@ def run_federation(grid: Grid, context: Context, cfg: FederationConfig) -> dict[
         run.write_json("config.json", cfg.to_run_config())
     ledger = open_ledger(cfg, run, weights)
     strategy = PathFedStrategy(cfg, names, weights, run, round_offset=done, ledger=ledger)
-    strategy.history = history
+    strategy.book.history = history
     if history:
-        strategy.epsilon = dict(history[-1]["epsilon"])
+        strategy.book.epsilon = dict(history[-1]["epsilon"])
     legacy = LegacyContext(context=context,
                            config=ServerConfig(num_rounds=max(0, cfg.rounds - done)),
                            strategy=strategy)
@@ -70,46 +92,13 @@ def run_federation(grid: Grid, context: Context, cfg: FederationConfig) -> dict[
              "run folder %s", cfg.sites, cfg.rounds, cfg.model,
              f"on (epsilon={cfg.epsilon:g}, delta={cfg.delta:g})" if cfg.dp else "OFF",
              "on" if cfg.secagg else "OFF", "AES-256-GCM" if key else "plain", run.path)
-    start = time.perf_counter()
     error = None
     try:
         DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
     except FederationAborted as err:
         error = str(err)
         log.error("federation stopped: %s", err)
-    last = strategy.history[-1] if strategy.history else {}
-    models = done + strategy.models
-    summary = {
-        "rounds": len(strategy.history), "rounds_planned": cfg.rounds,
-        "rounds_with_model": models,
-        "auc": last.get("val_auc"), "accuracy": last.get("val_accuracy"),
-        "balanced_accuracy": last.get("val_balanced_accuracy"),
-        "val_loss": last.get("val_loss"),
-        "epsilon": dict(sorted(strategy.epsilon.items())), "delta": cfg.delta,
-        "dp": cfg.dp, "secagg": cfg.secagg, "sites": cfg.sites, "model": cfg.model,
-        "data": cfg.data or "synthetic", "seed": cfg.seed, "run_id": cfg.run_id,
-        "exhausted_sites": strategy.exhausted,
-        "wall_time_s": round(time.perf_counter() - start, 2),
-        "checkpoint": str(latest[1].relative_to(run.path))
-        if (latest := run.latest_checkpoint()) else None,
-        "checkpoints_encrypted": key is not None,
-        "error": error,
-    }
-    if ledger is not None:
-        ledger.end(rounds=models, last_round=strategy.last_round,
-                   global_weights=strategy.global_weights, summary=_jsonable(summary))
-    run.write_json("summary.json", summary)
-    if not models:
-        log.error("no round produced a global model; see the warnings above (run folder %s)",
-                  run.path)
+    summary = strategy.book.finish(done_before=done, error=error)
     log.info("results in %s (summary.json, metrics.jsonl, checkpoints/)", run.path)
     return summary
 
-
-def _jsonable(summary: dict[str, Any]) -> dict[str, Any]:
-    """The summary as ``summary.json`` will hold it (NaN as null), for its ledger hash."""
-    import json
-
-    from common.runs import json_safe
-
-    return dict(json.loads(json.dumps(json_safe(summary))))

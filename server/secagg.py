@@ -103,10 +103,10 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
     def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext,
                                      state: Any) -> bool:
         before = set(state.active_node_ids)
-        shapes = getattr(context.strategy, "shapes", None)
-        if shapes is not None:  # the weight factor, then the model's arrays
+        book = getattr(context.strategy, "book", None)  # PathFed's RoundBook, if any
+        if book is not None:  # the weight factor, then the model's arrays
             grid = cast(Grid, _ShapeCheckingGrid(
-                grid, [(1,), *shapes], getattr(context.strategy, "node_site", {})))
+                grid, [(1,), *book.shapes], getattr(context.strategy, "node_site", {})))
         failed_before = len(state.failures)
         ok = super().collect_masked_vectors_stage(grid, context, state)
         dropped = before - state.active_node_ids
@@ -115,15 +115,14 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
         reasons = [failure_reason(f) for f in state.failures[failed_before:]]
         for reason in reasons:
             log.warning("a site failed in training: %s", reason)
-        getattr(context.strategy, "failures", []).extend(reasons)
         if dropped and state.active_node_ids:
             log.warning("%d site(s) dropped before sending masked updates; their masks are "
                         "recovered from shares", len(dropped))
-        strategy = context.strategy
-        if not state.active_node_ids and reasons and getattr(strategy, "models", 1) == 0 \
-                and getattr(strategy, "last_round", 0) == getattr(strategy, "round_offset", 0) + 1:
-            raise FederationAborted(f"round {strategy.last_round}: every site failed, nothing "
-                                    f"was trained; first failure: {reasons[0]}")
+        if book is not None:
+            book.failures.extend(reasons)
+            if not state.active_node_ids and reasons and book.first_round(book.last_round):
+                raise FederationAborted(f"round {book.last_round}: every site failed, "
+                                        f"nothing was trained; first failure: {reasons[0]}")
         return cast(bool, ok)
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:

@@ -91,14 +91,14 @@ def _signed(strategy: PathFedStrategy, keys: dict[str, SigningKey], site: str,
             n: int = 10) -> str:
     report = SiteReport(update, n, _metrics(site))
     assert strategy.ledger is not None
-    record = site_round_record(report, strategy.global_weights, server_round=server_round,
+    record = site_round_record(report, strategy.book.global_weights, server_round=server_round,
                                site=site, plan=None, secagg=False,
                                run=strategy.ledger.run if run is None else run)
     return encode_signed(sign_record(record, keys[site], site))
 
 
 def _moved(before: list[np.ndarray], strategy: PathFedStrategy) -> float:
-    return max(float(np.abs(a - b).max()) for a, b in zip(before, strategy.global_weights))
+    return max(float(np.abs(a - b).max()) for a, b in zip(before, strategy.book.global_weights))
 
 
 BAD_UPDATES = {
@@ -117,15 +117,15 @@ def test_a_bad_update_is_rejected_alone(tmp_path: Path, attack: str) -> None:
     results[1] = (Proxy(2), _fit(BAD_UPDATES[attack](), 10, _metrics("site-1")))
     params, _ = strategy.aggregate_fit(1, results, [])
     assert params is not None
-    assert strategy.round_fit[1]["trained"] == ["site-0", "site-2"]
-    assert "site-1" in strategy.rejected[1]
+    assert strategy.book.round_fit[1]["trained"] == ["site-0", "site-2"]
+    assert "site-1" in strategy.book.rejected[1]
     assert _moved([np.zeros(s) for s in SHAPES], strategy) == pytest.approx(0.01)
 
 
 def test_weakened_bound_lets_the_poison_through(tmp_path: Path) -> None:
     """The bound is what stops a 1e6 update: without it the global model is wrecked."""
     strategy, _ = _strategy(tmp_path)
-    strategy.bound = math.inf
+    strategy.book.bound = math.inf
     results = _honest(strategy)
     results[1] = (Proxy(2), _fit(_update(1e6), 10, _metrics("site-1")))
     strategy.aggregate_fit(1, results, [])
@@ -138,7 +138,7 @@ def test_example_counts_are_bounded(tmp_path: Path, n: Any) -> None:
     results = _honest(strategy)
     results[0] = (Proxy(1), _fit(_update(0.5), n, _metrics("site-0")))
     strategy.aggregate_fit(1, results, [])
-    assert "site-0" in strategy.rejected[1]
+    assert "site-0" in strategy.book.rejected[1]
     assert _moved([np.zeros(s) for s in SHAPES], strategy) == pytest.approx(0.01)
 
 
@@ -148,10 +148,10 @@ def test_a_count_that_changes_after_the_first_round_is_rejected(tmp_path: Path) 
     results = _honest(strategy)
     results[2] = (Proxy(3), _fit(_update(), 999, _metrics("site-2")))
     strategy.aggregate_fit(2, results, [])
-    assert "declared 10" in strategy.rejected[2]["site-2"]
-    strategy.declared.clear()  # weakened: no memory of the first round
+    assert "declared 10" in strategy.book.rejected[2]["site-2"]
+    strategy.book.declared.clear()  # weakened: no memory of the first round
     strategy.aggregate_fit(3, results, [])
-    assert "site-2" not in strategy.rejected[3]
+    assert "site-2" not in strategy.book.rejected[3]
 
 
 @pytest.mark.parametrize("metrics", [
@@ -164,7 +164,7 @@ def test_malformed_training_metrics_reject_the_reply(tmp_path: Path,
     results = _honest(strategy)
     results[1] = (Proxy(2), _fit(_update(), 10, _metrics("site-1") | metrics))
     strategy.aggregate_fit(1, results, [])
-    assert len(strategy.round_fit[1]["trained"]) == 2
+    assert len(strategy.book.round_fit[1]["trained"]) == 2
 
 
 def _eval_metrics(site: str, **changes: Any) -> dict[str, Any]:
@@ -188,7 +188,8 @@ def test_malformed_evaluation_is_ignored_not_fatal(tmp_path: Path,
     bad = EvaluateRes(Status(Code.OK, ""), 0.5, 3, bad_metrics)
     missing = EvaluateRes(Status(Code.OK, ""), 0.5, 3, {"site": "site-2"})
     strategy.aggregate_evaluate(1, [(Proxy(1), good), (Proxy(2), bad), (Proxy(3), missing)], [])
-    assert strategy.history[-1]["sites"] == 3 and math.isfinite(strategy.history[-1]["val_loss"])
+    summary = strategy.book.history[-1]
+    assert summary["sites"] == 1 and math.isfinite(summary["val_loss"])  # only the good one
 
 
 def test_a_site_cannot_take_another_sites_name(tmp_path: Path) -> None:
@@ -197,7 +198,7 @@ def test_a_site_cannot_take_another_sites_name(tmp_path: Path) -> None:
     results = _honest(strategy)
     results[2] = (Proxy(3), _fit(_update(), 10, _metrics("site-0")))
     strategy.aggregate_fit(2, results, [])
-    assert strategy.rejected[2] and strategy.round_fit[2]["trained"] == ["site-0", "site-1"]
+    assert strategy.book.rejected[2] and strategy.book.round_fit[2]["trained"] == ["site-0", "site-1"]
 
 
 def test_secagg_aggregate_beyond_the_bound_is_rejected(tmp_path: Path) -> None:
@@ -206,9 +207,9 @@ def test_secagg_aggregate_beyond_the_bound_is_rejected(tmp_path: Path) -> None:
     poisoned = _update(5.4e6)
     results = [(Proxy(i + 1), _fit(poisoned, 10, _metrics(s))) for i, s in enumerate(SITES)]
     params, _ = strategy.aggregate_fit(1, results, [])
-    assert params is None and strategy.models == 0
-    assert all("aggregate rejected" in r for r in strategy.rejected[1].values())
-    strategy.bound = math.inf  # weakened
+    assert params is None and strategy.book.models == 0
+    assert all("aggregate rejected" in r for r in strategy.book.rejected[1].values())
+    strategy.book.bound = math.inf  # weakened
     params, _ = strategy.aggregate_fit(2, results, [])
     assert params is not None and _moved([np.zeros(s) for s in SHAPES], strategy) > 1e6
 
@@ -217,7 +218,7 @@ def test_replayed_or_foreign_ledger_records_are_refused(tmp_path: Path) -> None:
     strategy, keys = _strategy(tmp_path, ledger=True)
     first = _honest(strategy, keys, 1)
     strategy.aggregate_fit(1, first, [])
-    assert strategy.round_fit[1]["trained"] == list(SITES)
+    assert strategy.book.round_fit[1]["trained"] == list(SITES)
     # round 2: site-1 replays its round-1 reply, site-2 a record of another run
     second = _honest(strategy, keys, 2)
     second[1] = first[1]
@@ -226,18 +227,18 @@ def test_replayed_or_foreign_ledger_records_are_refused(tmp_path: Path) -> None:
                                                        run="f" * 64))
     second[2] = (Proxy(3), _fit(update, 10, metrics))
     strategy.aggregate_fit(2, second, [])
-    assert strategy.round_fit[2]["trained"] == ["site-0"]
-    assert "round 1, this is round 2" in strategy.rejected[2]["site-1"]
-    assert "another run" in strategy.rejected[2]["site-2"] or "belongs to run" in \
-        strategy.rejected[2]["site-2"]
+    assert strategy.book.round_fit[2]["trained"] == ["site-0"]
+    assert "round 1, this is round 2" in strategy.book.rejected[2]["site-1"]
+    assert "another run" in strategy.book.rejected[2]["site-2"] or "belongs to run" in \
+        strategy.book.rejected[2]["site-2"]
     # an update that is not the one its record names, and a count its record contradicts
     third = _honest(strategy, keys, 3)
     third[0] = (Proxy(1), _fit(_update(0.02), 10, third[0][1].metrics))
     signed = _signed(strategy, keys, "site-1", _update(), 3, n=11)
     third[1] = (Proxy(2), _fit(_update(), 10, _metrics("site-1", ledger_record=signed)))
     strategy.aggregate_fit(3, third, [])
-    assert "not the one its signed ledger record names" in strategy.rejected[3]["site-0"]
-    assert "signed record says 11" in strategy.rejected[3]["site-1"]
+    assert "not the one its signed ledger record names" in strategy.book.rejected[3]["site-0"]
+    assert "signed record says 11" in strategy.book.rejected[3]["site-1"]
 
 
 def test_rejected_updates_still_record_their_privacy_spend(tmp_path: Path) -> None:
@@ -246,8 +247,7 @@ def test_rejected_updates_still_record_their_privacy_spend(tmp_path: Path) -> No
     bad = [np.full(s, np.nan, np.float32) for s in SHAPES]
     metrics = _metrics("site-1", ledger_record=_signed(strategy, keys, "site-1", bad, 1))
     results[1] = (Proxy(2), _fit(bad, 10, metrics))
-    strategy.configure_fit = None  # not used here
-    strategy.asked[1] = [1, 2, 3]
+    strategy.book.start_round(1, ["node-1", "node-2", "node-3"])  # asked before named
     strategy.aggregate_fit(1, results, [])
     report = verify_ledger(tmp_path / LEDGER_FILE)
     sites = [e["record"]["site"] for e in report.records("site-round")]
@@ -265,7 +265,7 @@ def test_fuzzed_replies_never_crash_nor_move_the_model_beyond_the_bound(tmp_path
                           [1, 2], {"a": 1}, True, 10**30]
     fields = ["epsilon", "steps", "noise_multiplier", "site", "sample_rate", "can_train_next",
               "ledger_record", "n_train", "train_loss"]
-    bound = strategy.bound
+    bound = strategy.book.bound
     for rnd in range(1, 41):
         results = _honest(strategy, keys, rnd)
         proxy, res = results[rnd % 3]
@@ -288,7 +288,7 @@ def test_fuzzed_replies_never_crash_nor_move_the_model_beyond_the_bound(tmp_path
             results[rnd % 3] = (proxy, _fit(update, n, metrics))
         except (TypeError, ValueError, OverflowError):
             continue  # Flower itself cannot even encode this reply
-        before = [w.copy() for w in strategy.global_weights]
+        before = [w.copy() for w in strategy.book.global_weights]
         strategy.aggregate_fit(rnd, results, [])
         assert _moved(before, strategy) <= bound * (1 + 1e-6)
         evals = [(Proxy(i + 1), EvaluateRes(Status(Code.OK, ""), 0.1, 3, _eval_metrics(s)))
@@ -296,7 +296,7 @@ def test_fuzzed_replies_never_crash_nor_move_the_model_beyond_the_bound(tmp_path
         evals[rnd % 3][1].metrics[fields[rng.integers(len(fields))]] = garbage[
             rng.integers(len(garbage))]
         strategy.aggregate_evaluate(rnd, evals, [])
-    assert strategy.models >= 30
+    assert strategy.book.models >= 30
     assert verify_ledger(tmp_path / LEDGER_FILE).problems[-1].kind == "incomplete"
 
 

@@ -252,3 +252,24 @@ def test_patient_level_privacy_unit() -> None:
     assert [b.shape[0] for b in patients.bags] == [6, 3]
     features, mask, labels = patients.to_dataset().tensors
     assert features.shape == (2, 6, 2) and mask.sum().item() == 9
+
+
+def test_resume_sets_aside_a_checkpoint_the_ledger_never_recorded(good_run: Path,
+                                                                  tmp_path: Path) -> None:
+    """Killed between writing round 3's checkpoint and its ledger record: resuming goes on
+    from round 2, the last round the ledger vouches for."""
+    import shutil
+
+    from common.config import FederationConfig
+    from common.runs import RunFolder
+    from server.federation import _recorded_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    folder = RunFolder(run)
+    folder.save_checkpoint(3, ["w"], [np.zeros(2, np.float32)])
+    cfg = FederationConfig(keys="ledger-keys", resume=True)
+    rnd, path = _recorded_checkpoint(folder, cfg)
+    assert rnd == 2 and path.name == "round-002.npz"
+    assert (run / "checkpoints" / "round-003.npz.unrecorded").is_file()
+    assert _recorded_checkpoint(folder, cfg)[0] == 2  # nothing else is touched
