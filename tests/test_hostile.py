@@ -198,7 +198,8 @@ def test_a_site_cannot_take_another_sites_name(tmp_path: Path) -> None:
     results = _honest(strategy)
     results[2] = (Proxy(3), _fit(_update(), 10, _metrics("site-0")))
     strategy.aggregate_fit(2, results, [])
-    assert strategy.book.rejected[2] and strategy.book.round_fit[2]["trained"] == ["site-0", "site-1"]
+    book = strategy.book
+    assert book.rejected[2] and book.round_fit[2]["trained"] == ["site-0", "site-1"]
 
 
 def test_secagg_aggregate_beyond_the_bound_is_rejected(tmp_path: Path) -> None:
