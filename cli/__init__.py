@@ -2,7 +2,8 @@
 
 ``simulate`` (one-machine federations), ``prepare`` (slides to features), ``consortium``
 and ``site`` (keys; a hospital's SuperNode), ``server`` and ``run`` (the SuperLink; a
-federated run), ``audit`` (the privacy ledger), ``checkpoint`` (released models). Heavy
+federated run), ``audit`` (the privacy ledger), ``checkpoint`` (released models),
+``models`` (the model and encoder registries). Heavy
 imports (torch, Flower, Ray) happen inside the commands, so ``pathfed --help`` and
 bad-input errors are instant. Bad input exits with code 2 and one line per problem.
 """
@@ -13,11 +14,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cli import audit, checkpoint, consortium, prepare, server, simulate
+from cli import audit, checkpoint, consortium, models, prepare, server, simulate
 from cli._shared import EXIT_BAD_INPUT, setup_logging
 from common.errors import ConfigError, DataError, PathFedError, UnknownModelError
 
-COMMANDS = (simulate, prepare, consortium, server, audit, checkpoint)
+COMMANDS = (simulate, prepare, consortium, server, audit, checkpoint, models)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -200,6 +200,7 @@ def load_weights(module: nn.Module, path: str | Path, encoder: str) -> str:
 
 
 def _resnet_tiny(weights: str | Path | None) -> Encoder:
+    """A small GroupNorm ResNet (fixed random init, or local --weights)."""
     import torch
 
     from common.models.encoders import ResNetTiny
@@ -212,6 +213,7 @@ def _resnet_tiny(weights: str | Path | None) -> Encoder:
 
 
 def _color_texture(weights: str | Path | None) -> Encoder:
+    """21 hand-made colour, stain (HED) and texture statistics per patch; no weights."""
     if weights:
         raise ConfigError("encoder 'color-texture' takes no weights file; drop --weights or "
                           "choose a learned encoder such as 'resnet-tiny'")

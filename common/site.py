@@ -29,7 +29,11 @@ from common.training import NDArrays, evaluate, local_train, set_weights, update
 log = logging.getLogger(__name__)
 
 
-PATCH_MODEL = "residual-patch-cnn"
+def model_kind(cfg: FederationConfig) -> str:
+    """The declared kind of ``cfg.model`` (``bags`` or ``patches``): it picks the data path."""
+    from common.models import model_spec
+
+    return model_spec(cfg.model).kind
 
 
 def feature_dim(cfg: FederationConfig) -> int:
@@ -62,7 +66,7 @@ def initial_model(cfg: FederationConfig) -> torch.nn.Module:
 
 def model_kwargs(cfg: FederationConfig, in_dim: int | None = None) -> dict[str, Any]:
     """Constructor arguments of ``cfg.model`` for this data."""
-    if cfg.model == PATCH_MODEL:
+    if model_kind(cfg) == "patches":
         return {"patch_size": cfg.patch_size}
     return {"in_dim": in_dim if in_dim is not None else feature_dim(cfg)}
 
@@ -134,9 +138,10 @@ class Site:
         if state is None and store is not None:
             state = store.run_state(self.run)
         share, shares, source = (index, cfg.sites, cfg.data) if data is None else (0, 1, data)
-        self.patches = cfg.model == PATCH_MODEL
+        self.patches = model_kind(cfg) == "patches"
         if self.patches and not source:
-            raise ConfigError(f"model {PATCH_MODEL}: needs image data (--data with labels.csv)")
+            raise ConfigError(f"model {cfg.model}: a patch model needs image data (--data "
+                              "with labels.csv)")
         self.data: SiteData = load_site(
             share, shares, source, cfg.seed, cfg.val_fraction,
             cfg.synthetic_bags, cfg.patch_size, "" if self.patches else cfg.encoder,

@@ -152,3 +152,15 @@ def test_console_script_runs() -> None:
     r = subprocess.run([str(script), "simulate", "--rounds", "0"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "rounds" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_models_lists_every_model_with_its_kind() -> None:
+    import json
+
+    from common.models import MODELS
+
+    r = pathfed("models", "--json")
+    listed = json.loads(r.stdout)
+    assert r.returncode == 0 and set(listed["models"]) == set(MODELS)
+    assert {m["kind"] for m in listed["models"].values()} == {"bags", "patches"}
+    assert {"color-texture", "resnet-tiny", "patch-cnn"} <= set(listed["encoders"])

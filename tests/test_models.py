@@ -8,9 +8,9 @@ from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 
 from common.errors import UnknownModelError
-from common.models import MODELS, MILOutput, build_model
+from common.models import MODELS, MILOutput, build_model, models_of_kind
 
-MIL_MODELS = sorted(name for name in MODELS if name.endswith("mil"))
+MIL_MODELS = models_of_kind("bags")  # by declared kind, never by name
 
 
 def _bags(b: int = 5, n: int = 9, d: int = 12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,3 +126,14 @@ def test_mil_vmap_per_bag_gradients_match_one_bag_at_a_time(name: str) -> None:
         model.sample_losses(x[i : i + 1], mask[i : i + 1], y[i : i + 1]).sum().backward()
         for n, p in model.named_parameters():
             assert torch.allclose(per_bag[n][i], p.grad, atol=1e-6), n
+
+
+def test_every_model_declares_a_kind_and_honours_the_contract() -> None:
+    from common.models.base import KINDS, TrainableModel
+
+    assert set(models_of_kind("bags")) | set(models_of_kind("patches")) == set(MODELS)
+    for name, spec in MODELS.items():
+        assert spec.kind in KINDS and spec.summary
+        model = build_model(name, **({"in_dim": 8} if spec.kind == "bags" else {}))
+        assert isinstance(model, TrainableModel), name
+        assert model.per_sample_grads in ("vmap", "hooks")

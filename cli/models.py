@@ -1,0 +1,38 @@
+"""``pathfed models``: the models PathFed trains and the encoders ``prepare`` uses."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``models``."""
+    p = sub.add_parser("models", help="list the models (with kind and options) and encoders",
+                       description="List every registered model (its kind: bags of "
+                       "features or image patches, and its options) and every patch encoder.")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p.set_defaults(func=_cmd_models)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from common.features import ENCODERS
+    from common.models import MODELS
+
+    models = {name: {"kind": spec.kind, "summary": spec.summary, "options": spec.options}
+              for name, spec in sorted(MODELS.items())}
+    encoders = {name: ((builder.__doc__ or "").strip().splitlines() or [""])[0]
+                for name, builder in sorted(ENCODERS.items())}
+    encoders["timm:ARCH"] = "any timm architecture (needs timm and torchvision)"
+    if args.json:
+        print(json.dumps({"models": models, "encoders": encoders}, indent=2))
+        return 0
+    print("models (--set model=NAME):")
+    for name, m in models.items():
+        options = ", ".join(f"{k}={v}" for k, v in m["options"].items()) or "-"
+        print(f"  {name:<22} {m['kind']:<8} {m['summary']}  [options: {options}]")
+    print("encoders (pathfed prepare --encoder NAME, --set encoder=NAME):")
+    for name, text in encoders.items():
+        print(f"  {name:<22} {text}")
+    return 0

@@ -1,0 +1,65 @@
+"""What a model must offer to be trained by PathFed: the contract, as typed Protocols.
+
+Every registered model (:data:`common.models.MODELS`) declares its *kind*, which decides
+the data path a site builds for it (never its name):
+
+- ``bags``: MIL over a bag of patch features; inputs ``(features[B, N, D], mask[B, N])``;
+  built with ``in_dim``.
+- ``patches``: a classifier of image patches; inputs ``patches[B, K, 3, P, P]`` drawn from
+  each slide; built with ``patch_size``.
+
+Training needs :class:`TrainableModel`; heatmaps and explanations use
+:class:`InstanceScorer` when the model offers it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+Kind = Literal["bags", "patches"]
+KINDS: tuple[Kind, ...] = ("bags", "patches")
+
+
+@runtime_checkable
+class TrainableModel(Protocol):
+    """The methods local training and evaluation call."""
+
+    per_sample_grads: str
+    """``"vmap"`` (per-sample gradients with ``torch.func``) or ``"hooks"`` (Opacus')."""
+
+    def sample_losses(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """One loss per sample (slide or patient): ``(*inputs, labels) -> [B]``."""
+        ...
+
+    def scores(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """One logit per sample: ``(*inputs) -> [B]``."""
+        ...
+
+
+@runtime_checkable
+class InstanceScorer(Protocol):
+    """Models that can say which instances (patches) drove a prediction."""
+
+    def instance_scores(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """One score per instance: ``[B, N]``."""
+        ...
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registry entry: how to build a model, what it consumes, what it can do."""
+
+    builder: str
+    """``module:function``; importing it is deferred so the registry needs no torch."""
+    kind: Kind
+    summary: str
+    options: dict[str, Any] = field(default_factory=dict)
+    """Constructor options and their defaults (beyond the data size)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"model kind {self.kind!r}: one of {KINDS}")
