@@ -8,13 +8,14 @@ import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
-from torch.utils.data import TensorDataset
 
 from common.errors import DataError
+
+if TYPE_CHECKING:  # torch loads when a dataset is made, not when data is checked
+    from torch.utils.data import TensorDataset
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,9 @@ class BagSet:
 
         A fixed shape keeps Opacus' Poisson loader (which can yield empty batches) simple.
         """
+        import torch
+        from torch.utils.data import TensorDataset
+
         n_max = max_instances or max((b.shape[0] for b in self.bags), default=1)
         features = np.zeros((len(self.bags), n_max, self.dim), dtype=np.float32)
         mask = np.zeros((len(self.bags), n_max), dtype=bool)
@@ -85,7 +89,6 @@ class BagSet:
             torch.from_numpy(self.labels.astype(np.float32)),
         )
 
-
     def to_patch_dataset(self, k: int, seed: int, stain_augment: float = 0.0,
                          patch_labels: bool = True) -> TensorDataset:
         """``(patches[n, k, 3, P, P], labels[n])`` from bags of image patches ``[N, P, P, 3]``.
@@ -96,6 +99,9 @@ class BagSet:
         Labels are ``[n, k]`` patch labels when the bags are annotated and ``patch_labels``,
         else the slide labels ``[n]``.
         """
+        import torch
+        from torch.utils.data import TensorDataset
+
         from common.features import IMAGENET_MEAN, IMAGENET_STD
 
         rng = np.random.default_rng(seed)
