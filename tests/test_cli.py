@@ -167,16 +167,13 @@ def test_models_lists_every_model_with_its_kind() -> None:
 
 
 @pytest.mark.slow
-def test_bad_data_fails_in_under_a_second_without_torch(tmp_path: Path) -> None:
-    """Checking the data comes before torch, Flower and Ray are imported."""
+def test_bad_data_fails_before_torch_is_imported(tmp_path: Path) -> None:
+    """Checking the data comes before torch, Flower and Ray are imported (0.3 s here)."""
     import subprocess
     import sys
-    import time
 
     code = ("import sys; from cli import main; rc = main(['simulate', '--data', "
             f"{str(tmp_path / 'nope')!r}]); assert 'torch' not in sys.modules; sys.exit(rc)")
-    start = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and "not found" in r.stderr, r.stderr
-    assert time.perf_counter() - start < 3.0  # about 0.3 s here; 3 s of slack for CI
