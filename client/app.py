@@ -79,7 +79,9 @@ def _ledger_key(context: Context, site: Site) -> Path | None:
     if own:
         return Path(str(own))
     if site.cfg.keys:
-        path = Path(site.cfg.keys) / "sites" / f"{site.name}.key"
+        from common.ledger import site_key_path
+
+        path = site_key_path(site.cfg.keys, site.name)
         if path.is_file():
             return path
     return None

@@ -32,7 +32,7 @@ from typing import Any
 
 from common.errors import DataError
 from common.ledger import LEDGER_FILE, LedgerReport, config_hash, verify_ledger
-from common.privacy import RDP_ALPHAS, independent_epsilon, rdp_epsilon
+from common.privacy import independent_epsilon, opacus_rdp_epsilon, rdp_epsilon, within_budget
 
 log = logging.getLogger(__name__)
 
@@ -262,11 +262,7 @@ def _audit_site(name: str, entries: list[dict[str, Any]], report: AuditReport,
         audit.problems.append(f"delta {delta:g} is not below 1/n = 1/{n}: the guarantee is void "
                               f"for a dataset of {n} {audit.privacy_unit}s")
     # The final values come from fresh Opacus accountants (no PathFed cache in between).
-    from opacus.accountants import RDPAccountant
-
-    rdp_acc = RDPAccountant()
-    rdp_acc.history = list(history)
-    audit.rdp = float(rdp_acc.get_epsilon(delta=delta, alphas=RDP_ALPHAS))
+    audit.rdp = opacus_rdp_epsilon(history, delta)
     try:
         audit.prv = independent_epsilon(history, delta, "prv")
     except (ValueError, RuntimeError) as err:  # PRV refuses some extreme schedules
@@ -291,7 +287,7 @@ def _audit_site(name: str, entries: list[dict[str, Any]], report: AuditReport,
         audit.problems.append("no epsilon budget recorded")
     else:
         for label, value in (("claimed", audit.claimed), (f"recomputed ({mech})", recomputed)):
-            if value is not None and float(value) > float(budget) * (1 + 1e-9):
+            if value is not None and not within_budget(float(value), float(budget)):
                 audit.problems.append(f"{label} epsilon {float(value):.4g} exceeds the budget "
                                       f"{float(budget):g}")
     if audit.prv is not None and audit.prv > audit.rdp + PRV_TOLERANCE:

@@ -787,6 +787,22 @@ PUBLIC_DIR = "public"
 SITE_KEYS_DIR = "sites"
 
 
+def server_key_path(folder: str | Path) -> Path:
+    """The server's private ledger key in a key folder."""
+    return Path(folder) / SERVER_KEY_FILE
+
+
+def public_key_path(folder: str | Path, name: str) -> Path:
+    """``name``'s public ledger key (the server's is ``server``) in a key folder."""
+    return Path(folder) / PUBLIC_DIR / f"{name}.pub.pem"
+
+
+def site_key_path(folder: str | Path, name: str) -> Path:
+    """A simulated site's private ledger key in a key folder (deployed sites keep theirs
+    in their own site folder)."""
+    return Path(folder) / SITE_KEYS_DIR / f"{name}.key"
+
+
 def make_key_folder(folder: str | Path, sites: Sequence[str],
                     with_site_keys: bool = True) -> Path:
     """A ledger key folder: ``server.key``, ``public/NAME.pub.pem`` for the server and every
@@ -795,17 +811,17 @@ def make_key_folder(folder: str | Path, sites: Sequence[str],
     Existing keys are kept, so a folder can be extended with new sites.
     """
     folder = Path(folder)
-    server = folder / SERVER_KEY_FILE
+    server = server_key_path(folder)
     if not server.exists():
         key = SigningKey.generate()
         key.save(server)
-        key.save_public(folder / PUBLIC_DIR / f"{SERVER}.pub.pem")
+        key.save_public(public_key_path(folder, SERVER))
     for name in sites:
-        private = folder / SITE_KEYS_DIR / f"{name}.key"
+        private = site_key_path(folder, name)
         if with_site_keys and not private.exists():
             key = SigningKey.generate()
             key.save(private)
-            key.save_public(folder / PUBLIC_DIR / f"{name}.pub.pem")
+            key.save_public(public_key_path(folder, name))
     return folder
 
 
@@ -814,4 +830,4 @@ def server_keys(folder: str | Path) -> tuple[SigningKey, dict[str, str]]:
     folder = Path(folder)
     public = load_public_keys(folder / PUBLIC_DIR)
     public.pop(SERVER, None)
-    return SigningKey.load(folder / SERVER_KEY_FILE), public
+    return SigningKey.load(server_key_path(folder)), public

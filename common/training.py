@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -152,24 +151,11 @@ def local_train(
     if plan is not None:
         if accountant is None:
             raise ValueError("DP training needs the site's accountant")
-        with warnings.catch_warnings():
-            # Seeded noise is deliberate in simulations (`deterministic`); see docs/privacy.md.
-            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-            engine = PrivacyEngine(accountant=plan.accountant)
-            engine.accountant = accountant.accountant  # the site's persistent accountant
-            train_model, opt, loader = engine.make_private(
-                module=model, optimizer=opt, data_loader=loader,
-                noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
-                poisson_sampling=True, noise_generator=generator,
-                grad_sample_mode="no_op" if vmap_grads else "hooks",
-            )
-        # Opacus' loader builds its own sampler generator; seed it as well.
-        if seed is not None:
-            loader.batch_sampler.generator = generator  # type: ignore[union-attr]
-        if noise == "csprng":
-            from common.privacy import use_csprng_noise
+        from common.privacy import make_private
 
-            use_csprng_noise(opt)
+        train_model, opt, loader = make_private(
+            model, opt, loader, plan, accountant, generator,
+            per_sample="vmap" if vmap_grads else "hooks", noise=noise, seeded=seed is not None)
     train_model.train()
     losses, steps = [], 0
     with warnings.catch_warnings():

@@ -42,6 +42,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.crypto.signing import SigningKey
 from common.errors import ConfigError
+from common.ledger import SERVER, public_key_path, server_key_path
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 RESERVED_NAMES = frozenset({"server", "global", "default"})
@@ -194,8 +195,8 @@ def init_consortium(root: str | Path, server_hosts: list[str],
     _make_access_keys(root)
     (root / "allow-list").mkdir(exist_ok=True)
     ledger_key = SigningKey.generate()
-    ledger_key.save(root / "ledger" / "server.key")
-    ledger_key.save_public(root / "ledger" / "public" / "server.pub.pem")
+    ledger_key.save(server_key_path(root / "ledger"))
+    ledger_key.save_public(public_key_path(root / "ledger", SERVER))
     (root / "consortium.json").write_text(json.dumps(
         {"name": name, "server_hosts": list(server_hosts), "port": port}, indent=2) + "\n")
     return Consortium(root)
@@ -245,7 +246,7 @@ def enroll_site(root: str | Path, name: str) -> Path:
     shutil.copyfile(consortium.trusted_entities, site_dir / "trusted-entities.yaml")
     ledger_key = SigningKey.generate()  # signs the site's privacy-ledger records
     ledger_key.save(site_dir / "ledger.key")
-    ledger_key.save_public(consortium.ledger_keys / "public" / f"{name}.pub.pem")
+    ledger_key.save_public(public_key_path(consortium.ledger_keys, name))
     (site_dir / "site.json").write_text(json.dumps(
         {"name": name, "superlink": consortium.address}, indent=2) + "\n")
     consortium.allow_list.mkdir(exist_ok=True)
@@ -261,4 +262,4 @@ def remove_site(root: str | Path, name: str) -> None:
     if not path.exists():
         raise ConfigError(f"site {name!r} is not enrolled in {root}")
     path.unlink()
-    (consortium.ledger_keys / "public" / f"{name}.pub.pem").unlink(missing_ok=True)
+    public_key_path(consortium.ledger_keys, name).unlink(missing_ok=True)

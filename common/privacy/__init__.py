@@ -1,9 +1,11 @@
-"""Differential privacy: per-site plans, persistent accountants, budget enforcement.
+"""Differential privacy: per-site plans, persistent accountants, budget enforcement, and
+the Opacus engine that trains with them (:func:`make_private`).
 
-The one front door for privacy accounting. Every epsilon PathFed reports comes from an
-Opacus accountant fed with the real sampling rate, noise multiplier and step count, and a
-site's accountant state is kept for the whole federation (it is saved between rounds,
-never re-created), so the epsilon it reports is cumulative.
+The one front door for private training and accounting: PathFed imports Opacus here only.
+Every epsilon PathFed reports comes from an Opacus accountant fed with the real sampling
+rate, noise multiplier and step count, and a site's accountant state is kept for the whole
+federation (it is saved between rounds, never re-created), so the epsilon it reports is
+cumulative.
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ log = logging.getLogger(__name__)
 # Opacus' default RDP orders stop at 63; large epsilons over few steps need higher orders
 # for a tight bound. Every RDP epsilon in PathFed (claimed or recomputed) uses these.
 RDP_ALPHAS = list(RDPAccountant.DEFAULT_ALPHAS) + [80, 96, 128, 192, 256, 384, 512]
+
+BUDGET_SLACK = 1e-9
+"""Relative slack of every budget comparison (floating-point rounding of the accountant)."""
+
+
+def within_budget(epsilon: float, budget: float) -> bool:
+    """Whether ``epsilon`` fits ``budget`` (with :data:`BUDGET_SLACK`)."""
+    return epsilon <= budget * (1 + BUDGET_SLACK)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -175,7 +185,7 @@ class SiteAccountant:
         """Raise :class:`PrivacyBudgetExhausted` unless one more round fits the run's
         budget and the site's lifetime budget."""
         projected = self.projected_epsilon(plan)
-        if projected > plan.epsilon_budget * (1 + 1e-9):
+        if not within_budget(projected, plan.epsilon_budget):
             raise PrivacyBudgetExhausted(
                 f"{site}: next round would reach epsilon={projected:.3f} > budget "
                 f"{plan.epsilon_budget:g} (spent {self.epsilon(plan.delta):.3f} at "
@@ -183,7 +193,7 @@ class SiteAccountant:
             )
         if math.isfinite(lifetime_budget):
             lifetime = self.lifetime_epsilon(plan.delta, plan)
-            if lifetime > lifetime_budget * (1 + 1e-9):
+            if not within_budget(lifetime, lifetime_budget):
                 raise PrivacyBudgetExhausted(
                     f"{site}: next round would bring the site's lifetime epsilon over all "
                     f"its runs to {lifetime:.3f} > its lifetime budget {lifetime_budget:g} "
@@ -201,6 +211,47 @@ class SiteAccountant:
             return cls(mechanism)
         data = json.loads(text)
         return cls(data.get("mechanism", mechanism), data)
+
+
+def opacus_rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon of a schedule from a fresh Opacus ``RDPAccountant`` (no PathFed cache in
+    between), at :data:`RDP_ALPHAS`: what an auditor recomputes."""
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    return float(accountant.get_epsilon(delta=delta, alphas=RDP_ALPHAS))
+
+
+def make_private(module: Any, optimizer: Any, data_loader: Any, plan: DPPlan,
+                 accountant: SiteAccountant, generator: Any, *, per_sample: str = "hooks",
+                 noise: str = "seeded", seeded: bool = False) -> tuple[Any, Any, Any]:
+    """Opacus' ``PrivacyEngine.make_private`` with the site's persistent accountant.
+
+    Poisson sampling, per-sample clipping at ``plan.max_grad_norm`` and Gaussian noise at
+    ``plan.noise_multiplier``. ``per_sample`` is ``"vmap"`` (the model computes its own
+    per-sample gradients with ``torch.func``; Opacus' ``no_op`` mode) or ``"hooks"``.
+    ``noise="csprng"`` draws the noise from :func:`use_csprng_noise`; ``seeded`` also
+    seeds the Poisson sampler with ``generator``.
+    """
+    import warnings
+
+    from opacus import PrivacyEngine
+
+    with warnings.catch_warnings():
+        # Seeded noise is deliberate in simulations (`deterministic`); see docs/privacy.md.
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        engine = PrivacyEngine(accountant=plan.accountant)
+        engine.accountant = accountant.accountant  # the site's persistent accountant
+        model, opt, loader = engine.make_private(
+            module=module, optimizer=optimizer, data_loader=data_loader,
+            noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+            poisson_sampling=True, noise_generator=generator,
+            grad_sample_mode="no_op" if per_sample == "vmap" else "hooks",
+        )
+    if seeded:  # Opacus' loader builds its own sampler generator; seed it as well
+        loader.batch_sampler.generator = generator
+    if noise == "csprng":
+        use_csprng_noise(opt)
+    return model, opt, loader
 
 
 def use_csprng_noise(optimizer: Any) -> None:
@@ -239,5 +290,6 @@ def independent_epsilon(
     return _epsilon(accountant, delta) if history else 0.0
 
 
-__all__ = ["RDP_ALPHAS", "DPPlan", "SiteAccountant", "independent_epsilon", "plan_site",
-           "rdp_epsilon", "use_csprng_noise"]
+__all__ = ["BUDGET_SLACK", "RDP_ALPHAS", "DPPlan", "SiteAccountant", "independent_epsilon",
+           "make_private", "opacus_rdp_epsilon", "plan_site", "rdp_epsilon",
+           "use_csprng_noise", "within_budget"]
