@@ -94,7 +94,8 @@ class HospitalClient(NumPyClient):
         self.context = context
         self.state_root = state_root
 
-    def fit(self, parameters: list, config: dict[str, Any]) -> tuple[list, int, dict]:
+    def fit(self, parameters: list[Any], config: dict[str, Any]
+            ) -> tuple[list[Any], int, dict[str, Any]]:
         import torch
 
         torch.set_num_threads(1)
@@ -107,7 +108,8 @@ class HospitalClient(NumPyClient):
                 {"state": site.store.dumps()})
         return report.update, report.n_samples, report.metrics
 
-    def evaluate(self, parameters: list, config: dict[str, Any]) -> tuple[float, int, dict]:
+    def evaluate(self, parameters: list[Any], config: dict[str, Any]
+                 ) -> tuple[float, int, dict[str, Any]]:
         site = _site(self.context, config, self.state_root)
         counts, metrics = site.evaluate(parameters)
         return float(counts.loss) if counts.n else 0.0, counts.n, metrics

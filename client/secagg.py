@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+from collections.abc import Callable
 from typing import cast
 
 import flwr
@@ -57,8 +58,8 @@ def check_flower_internals() -> None:
 def install_hardened_masks() -> None:
     """Make Flower's client SecAgg+ mod expand masks with PathFed's generator and send its
     masked vector as ``uint32`` (:func:`packed_encode`)."""
-    install_generator(_flwr_mod, _STOCK, check_flower_internals)
-    _flwr_mod.ndarray_to_bytes = packed_encode
+    install_generator(_flwr_mod, cast(Callable[..., object], _STOCK), check_flower_internals)
+    setattr(_flwr_mod, "ndarray_to_bytes", packed_encode)  # noqa: B010 (Flower's module)
 
 
 def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:

@@ -341,7 +341,7 @@ def _membership_audit(cfg: FederationConfig, settings: AttackSettings,
     select = np.repeat(targets % 2 == 0, settings.canaries)  # threshold chosen on even targets
     members = member.reshape(-1)
     results = []
-    lira = np.concatenate([_lira(conf, member, t) for t in targets])
+    lira = np.concatenate([_lira(conf, member, int(t)) for t in targets])
     for name, scores in (("loss threshold (Yeom)", conf.reshape(-1)),
                          ("LiRA (online, fixed variance)", lira)):
         eps, detail = _lower_bound(scores, members, select, cfg.delta, settings.confidence)

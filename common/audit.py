@@ -28,7 +28,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from common.errors import DataError
 from common.ledger import LEDGER_FILE, LedgerReport, config_hash, verify_ledger
@@ -117,8 +117,8 @@ def _against_config(name: str, records: list[dict[str, Any]], audit: SiteAudit,
     from common.config import parse_site_values
 
     try:
-        budget = float(parse_site_values(str(config.get("site-epsilon", ""))).get(
-            name, config.get("epsilon")))
+        budget: float | None = float(cast(Any, parse_site_values(
+            str(config.get("site-epsilon", ""))).get(name, config.get("epsilon"))))
     except (TypeError, ValueError):
         budget = None
     if budget is not None and audit.budget is not None and not _close(

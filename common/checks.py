@@ -122,11 +122,11 @@ def eval_counts(metrics: Mapping[str, Any]) -> tuple[EvalCounts | None, str | No
         return None, "metrics are not a mapping"
     values: dict[str, Any] = {}
     for name in ("n", "tp", "tn", "fp", "fn"):
-        value = metrics.get(name)
+        value: Any = metrics.get(name)
         if not _is_count(value):
             return None, f"evaluation field {name!r} is {value!r}, not a count"
         values[name] = int(value)
-    loss_sum = metrics.get("loss_sum")
+    loss_sum: Any = metrics.get("loss_sum")
     if not _is_number(loss_sum) or not math.isfinite(float(loss_sum)) or loss_sum < 0:
         return None, f"evaluation field 'loss_sum' is {loss_sum!r}, not a finite number >= 0"
     values["loss_sum"] = float(loss_sum)

@@ -212,6 +212,7 @@ def site_round_record(
     metrics.pop(LEDGER_METRIC, None)
     epsilon = metrics.get("epsilon")
     dp = plan is not None
+    p: Any = plan
     return {
         "kind": "site-round",
         "round": int(server_round),
@@ -220,13 +221,13 @@ def site_round_record(
         "update": hash_arrays(report.update),
         "dp": dp,
         "accountant": accountant if dp else None,
-        "sample_rate": float(plan.sample_rate) if dp else None,
-        "noise_multiplier": float(plan.noise_multiplier) if dp else None,
-        "max_grad_norm": float(plan.max_grad_norm) if dp else None,
+        "sample_rate": float(p.sample_rate) if dp else None,
+        "noise_multiplier": float(p.noise_multiplier) if dp else None,
+        "max_grad_norm": float(p.max_grad_norm) if dp else None,
         "steps": int(metrics.get("steps", 0)),
         "epsilon": float(epsilon) if dp and epsilon is not None else None,
-        "delta": float(plan.delta) if dp else None,
-        "epsilon_budget": float(plan.epsilon_budget) if dp else None,
+        "delta": float(p.delta) if dp else None,
+        "epsilon_budget": float(p.epsilon_budget) if dp else None,
         "n_samples": int(report.n_samples),
         "privacy_unit": privacy_unit,
         "bytes_sent": int(bytes_sent if bytes_sent is not None
@@ -738,8 +739,8 @@ def verify_ledger(path: str | Path,
     if not parsed and not report.problems:
         report.problems.append(LedgerProblem("removed", 1, None, "the ledger is empty"))
     _check_run(report)
-    for problem in report.problems:
-        log.debug("%s: %s", path, problem)
+    for found in report.problems:
+        log.debug("%s: %s", path, found)
     return report
 
 

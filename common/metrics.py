@@ -8,6 +8,7 @@ per-slide score leaving a hospital.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +71,7 @@ class EvalCounts:
         )
 
     def __add__(self, other: EvalCounts) -> EvalCounts:
-        out = {}
+        out: dict[str, Any] = {}
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
             out[f.name] = [x + y for x, y in zip(a, b)] if isinstance(a, list) else a + b
@@ -103,7 +104,7 @@ class EvalCounts:
         return out
 
     @classmethod
-    def from_metrics(cls, metrics: dict) -> EvalCounts:
+    def from_metrics(cls, metrics: dict[str, Any]) -> EvalCounts:
         values = {}
         for f in fields(cls):
             value = metrics[f.name]

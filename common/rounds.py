@@ -56,8 +56,11 @@ class FederationAborted(PathFedError):
 def weighted_mean(updates: Sequence[tuple[NDArrays, int]]) -> NDArrays:
     """Weighted average of updates, weights = training samples (Flower's FedAvg)."""
     total = sum(n for _, n in updates)
-    return [sum(np.asarray(u[i], np.float64) * n for u, n in updates) / total
-            for i in range(len(updates[0][0]))]
+    mean = [np.zeros(np.shape(a), np.float64) for a in updates[0][0]]
+    for update, n in updates:
+        for acc, value in zip(mean, update):
+            acc += np.asarray(value, np.float64) * n
+    return [acc / total for acc in mean]
 
 
 class RoundBook:

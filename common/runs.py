@@ -90,7 +90,7 @@ class RunFolder:
 
         name = checkpoint_name(server_round)
         buf = io.BytesIO()
-        np.savez(buf, **dict(zip(names, weights)))
+        np.savez(buf, **dict(zip(names, weights)))  # type: ignore[arg-type]
         if self.checkpoint_key is None:
             target = self.path / "checkpoints" / name
             atomic_write(target, buf.getvalue())

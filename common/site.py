@@ -12,7 +12,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -197,7 +197,7 @@ class Site:
 
         record = site_round_record(
             report, received, server_round=server_round, site=self.name, plan=self.plan,
-            accountant=self.cfg.accountant, privacy_unit=self.privacy_unit,
+            accountant=self.cfg.accountant, privacy_unit=cast(Any, self.privacy_unit),
             secagg=self.cfg.secagg, mask_generator=MASK_GENERATOR if self.cfg.secagg else None,
             previous=self.ledger_prev, run=ledger_run, noise=self.noise_source)
         key = key_path if isinstance(key_path, SigningKey) else SigningKey.load(key_path)

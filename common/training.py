@@ -9,6 +9,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ def update_value_bound(optimizer: str, lr: float, steps: int, max_grad_norm: flo
 
 def _mean_loss(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
     """Mean of the model's per-sample losses over a batch ``(*inputs, labels)``."""
-    losses = model.sample_losses(*batch)
+    losses: torch.Tensor = cast(Any, model).sample_losses(*batch)
     if losses.numel() == 0:
         # An empty Poisson batch still takes a (noise-only) DP step: keep the graph alive.
         return losses.sum() * 0.0
@@ -85,7 +86,7 @@ def _vmap_grad_samples(module: nn.Module, batch: list[torch.Tensor]) -> None:
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     if batch[-1].shape[0] == 0:  # empty Poisson batch: zero gradients, noise still added
         for _, p in trainable:
-            p.grad_sample = torch.zeros((0, *p.shape))
+            setattr(p, "grad_sample", torch.zeros((0, *p.shape)))  # noqa: B010 (Opacus)
         return
     params = {f"model.{n}": p.detach() for n, p in trainable}
 
@@ -95,7 +96,7 @@ def _vmap_grad_samples(module: nn.Module, batch: list[torch.Tensor]) -> None:
     grads = vmap(grad(one_loss), in_dims=(None, *([0] * len(batch))),
                  randomness="different")(params, *batch)
     for n, p in trainable:
-        p.grad_sample = grads[f"model.{n}"]
+        setattr(p, "grad_sample", grads[f"model.{n}"])  # noqa: B010 (Opacus' attribute)
 
 
 class _LossView(nn.Module):
@@ -106,7 +107,7 @@ class _LossView(nn.Module):
         self.model = model
 
     def forward(self, *batch: torch.Tensor) -> torch.Tensor:
-        return self.model.sample_losses(*batch)
+        return cast(Any, self.model).sample_losses(*batch)
 
 
 def local_train(
@@ -170,7 +171,7 @@ def local_train(
                         loss = _mean_loss(model, batch)
                 else:
                     loss = _mean_loss(model, batch)
-                    loss.backward()
+                    loss.backward()  # type: ignore[no-untyped-call]
                     if plan is None and max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                 opt.step()
@@ -195,8 +196,9 @@ def evaluate(model: nn.Module, data: TensorDataset, batch_size: int = 64) -> Eva
     logits, labels, loss_sum = [], [], 0.0
     for batch in DataLoader(data, batch_size=batch_size):
         *inputs, y = batch
-        loss_sum += float(model.sample_losses(*inputs, y).sum())
-        logits.append(model.scores(*inputs).numpy())
+        scorer = cast(Any, model)
+        loss_sum += float(scorer.sample_losses(*inputs, y).sum())
+        logits.append(scorer.scores(*inputs).numpy())
         # patch labels (annotations): a slide is positive when any drawn patch is
         labels.append((y if y.dim() == 1 else y.amax(dim=1)).numpy())
     if not logits:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+from collections.abc import Callable
 from typing import Any, cast
 
 import flwr
@@ -67,8 +68,9 @@ def check_flower_internals() -> None:
 def install_hardened_masks() -> None:
     """Make Flower's SecAgg+ workflow expand masks with PathFed's generator, and read the
     ``uint32`` masked vectors that ``client/secagg.py`` sends."""
-    install_generator(_flwr_workflow, _STOCK, check_flower_internals)
-    _flwr_workflow.bytes_to_ndarray = _widening_decode
+    install_generator(_flwr_workflow, cast(Callable[..., object], _STOCK),
+                      check_flower_internals)
+    setattr(_flwr_workflow, "bytes_to_ndarray", _widening_decode)  # noqa: B010
 
 
 def _widening_decode(data: bytes) -> np.ndarray:
@@ -98,7 +100,7 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
             log.warning("SecAgg+ setup failed (%d site(s) answered; the reconstruction "
                         "threshold needs more): no update this round",
                         len(state.active_node_ids))
-        return cast(bool, ok)
+        return ok
 
     def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext,
                                      state: Any) -> bool:
@@ -123,13 +125,13 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
             if not state.active_node_ids and reasons and book.first_round(book.last_round):
                 raise FederationAborted(f"round {book.last_round}: every site failed, "
                                         f"nothing was trained; first failure: {reasons[0]}")
-        return cast(bool, ok)
+        return ok
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
         cfg = context.state.config_records[MAIN_CONFIGS_RECORD]
         token = mask_round.set(int(cast(int, cfg[WorkflowKey.CURRENT_ROUND])))
         try:
-            return cast(bool, super().unmask_stage(grid, context, state))
+            return super().unmask_stage(grid, context, state)
         finally:
             mask_round.reset(token)
 
@@ -158,7 +160,7 @@ class _ShapeCheckingGrid:
                 problem = None
                 try:
                     raw = msg.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
-                    got = [tuple(_widening_decode(b).shape) for b in cast(list, raw)]
+                    got = [tuple(_widening_decode(b).shape) for b in cast(list[bytes], raw)]
                     if got != self._shapes:
                         problem = (f"{len(got)} arrays, first {got[:2]}; expected "
                                    f"{len(self._shapes)}, first {self._shapes[:2]}")

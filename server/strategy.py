@@ -179,7 +179,7 @@ class PathFedStrategy(FedAvg):
                             server_round)
                 accepted = []
         elif accepted:
-            mean = weighted_mean(updates)
+            mean = weighted_mean([(u, n) for u, n in updates if u is not None])
         if not book.apply(server_round, accepted, mean, failed=len(failures)):
             return None, {}
         return ndarrays_to_parameters(book.global_weights), {}

@@ -47,14 +47,14 @@ def install_generator(module: ModuleType, stock: Callable[..., object],
     kept only when :func:`use_stock_masks` (benchmarks).
     """
     if use_stock_masks():
-        if module.pseudo_rand_gen is not stock:
-            module.pseudo_rand_gen = stock
+        if getattr(module, "pseudo_rand_gen") is not stock:  # noqa: B009 (a module's attr)
+            setattr(module, "pseudo_rand_gen", stock)  # noqa: B010
             log.warning("SecAgg+ masks: Flower's stock 32-bit-seeded generator (%s=flower-stock)"
                         " in %s; not for real data", MASKS_ENV, module.__name__)
         return
-    if module.pseudo_rand_gen is not expand_masks:
+    if getattr(module, "pseudo_rand_gen") is not expand_masks:  # noqa: B009
         check()
-        module.pseudo_rand_gen = expand_masks
+        setattr(module, "pseudo_rand_gen", expand_masks)  # noqa: B010
         log.debug("SecAgg+ masks in %s: %s", module.__name__, MASK_GENERATOR)
 
 
@@ -88,7 +88,7 @@ def expand_masks(
         encryptor = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
         words = np.zeros(count, dtype="<u4")
         if count:
-            view = memoryview(words).cast("B")
+            view = memoryview(words).cast("B")  # type: ignore[arg-type]
             encryptor.update_into(view, view)  # keystream XOR zeros, in place
         if num_range < 2**32:
             words &= np.uint32(num_range - 1)

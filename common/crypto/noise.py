@@ -35,7 +35,7 @@ class SecureGaussian:
         encryptor = Cipher(algorithms.ChaCha20(self._key, nonce), mode=None).encryptor()
         words = np.zeros(count, dtype="<u8")
         if count:
-            view = memoryview(words).cast("B")
+            view = memoryview(words).cast("B")  # type: ignore[arg-type]
             encryptor.update_into(view, view)
         return words
 
@@ -51,5 +51,7 @@ class SecureGaussian:
     def normal(self, shape: tuple[int, ...], std: float) -> np.ndarray:
         """``float64`` noise of ``shape`` with standard deviation ``std``."""
         count = math.prod(shape)
-        total = sum(self._standard_normal(count) for _ in range(4))
+        total = np.zeros(count)
+        for _ in range(4):
+            total += self._standard_normal(count)
         return (0.5 * std * total).reshape(shape)

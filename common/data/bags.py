@@ -203,7 +203,7 @@ def save_site_file(site: SiteData, path: str | Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
     os.close(fd)
     with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
     os.replace(tmp, path)
     return path
 

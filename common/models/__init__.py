@@ -51,7 +51,7 @@ def models_of_kind(kind: Kind) -> list[str]:
 def build_model(name: str, **kwargs: Any) -> nn.Module:
     """Build the registered model ``name`` with ``kwargs`` (e.g. ``in_dim``)."""
     module, _, function = model_spec(name).builder.partition(":")
-    return getattr(importlib.import_module(module), function)(**kwargs)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module), function)(**kwargs)
 
 
 def __getattr__(name: str) -> Any:

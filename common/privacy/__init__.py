@@ -148,7 +148,8 @@ class SiteAccountant:
                 "history": [tuple(h) for h in state["history"]],
                 "mechanism": self.accountant.mechanism(),
             })
-        self.prior: list[tuple[float, float, int]] = [tuple(h) for h in prior or []]
+        self.prior: list[tuple[float, float, int]] = [(float(h[0]), float(h[1]), int(h[2]))
+                                                      for h in prior or []]
         """Steps of the site's *other* runs: they count towards its lifetime budget."""
 
     @property

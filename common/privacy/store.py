@@ -145,7 +145,7 @@ class SiteStore:
                 entry["last"]["update_inline"] = [u.tolist() for u in update]
             else:
                 buf = io.BytesIO()
-                np.savez(buf, **{f"a{i}": u for i, u in enumerate(update)})
+                np.savez(buf, **{f"a{i}": u for i, u in enumerate(update)})  # type: ignore[arg-type]
                 atomic_write(path, buf.getvalue())
         self.data["runs"][run] = entry
         if self.folder is not None:

@@ -172,7 +172,7 @@ def _reader_for(path: str, default_mpp: float | None) -> SlideReader:
         _close_reader()
         _OPEN["reader"] = open_slide(path, default_mpp=default_mpp)
         _OPEN["key"] = key
-    return _OPEN["reader"]  # type: ignore[no-any-return]
+    return _OPEN["reader"]
 
 
 def _close_reader() -> None:

@@ -207,7 +207,8 @@ def _mpp_from_resolution(path: Path, resolution: float | None, unit: str | None)
 
 def _white_composite(rgba: Image.Image) -> np.ndarray:
     """OpenSlide returns transparent pixels outside the scanned area: make them white."""
-    if rgba.getextrema()[3][0] == 255:  # opaque (the usual case): PIL converts in C
+    alpha: tuple[int, int] = rgba.getextrema()[3]  # type: ignore[misc]
+    if alpha[0] == 255:  # opaque (the usual case): PIL converts in C
         return np.asarray(rgba.convert("RGB"))
     arr = np.asarray(rgba)
     rgb, a = arr[..., :3], arr[..., 3:4].astype(np.uint16)

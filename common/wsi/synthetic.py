@@ -31,7 +31,8 @@ def synthetic_tissue(width: int, height: int, seed: int = 0, tissue_fraction: fl
     coarse = rng.standard_normal((max(2, height // 64), max(2, width // 64)))
     coarse = ndimage.gaussian_filter(coarse, sigma=1.5, mode="wrap")
     field = np.asarray(
-        Image.fromarray(coarse.astype(np.float32)).resize((width, height), Image.BILINEAR)
+        Image.fromarray(coarse.astype(np.float32)).resize((width, height),
+                                                          Image.Resampling.BILINEAR)
     )
     tissue = field > np.quantile(field, 1.0 - tissue_fraction)
     texture = ndimage.gaussian_filter(
@@ -110,7 +111,7 @@ def write_pyramid_tiff(
                         res = 1e4 / (mpp * (w0 / w))
                         opts["resolution"] = (res, res)
                         opts["resolutionunit"] = "CENTIMETER"
-                tw.write(level, **opts)
+                tw.write(level, **opts)  # type: ignore[arg-type]
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
