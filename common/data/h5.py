@@ -18,6 +18,7 @@ from common.data.bags import SiteData, split_bags
 from common.data.images import LabelledImage, assign_sites
 from common.data.labels import read_label_rows
 from common.errors import DataError
+from common.data.featurefile import feature_dim, read_features
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ def load_h5_bags(folder: str | Path, labels_csv: str | Path | None = None) -> H5
     Raises :class:`DataError` naming the file for a missing folder, a malformed labels
     file, an unreadable feature file, or when no labelled slide has features.
     """
-    import h5py
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -70,13 +70,8 @@ def load_h5_bags(folder: str | Path, labels_csv: str | Path | None = None) -> H5
         if not h5_path.is_file():
             missing.append(name)
             continue
-        try:
-            with h5py.File(h5_path, "r") as h5:
-                features = np.asarray(h5["features"], dtype=np.float32)
-                made_by = (str(h5.attrs.get("encoder", "")), str(h5.attrs.get("weights_hash", "")))
-        except (OSError, KeyError, ValueError) as err:
-            raise DataError(f"{h5_path}: not a PathFed feature file or damaged ({err}); "
-                            "re-run `pathfed prepare` on its slide") from None
+        features, attrs = read_features(h5_path)
+        made_by = (str(attrs.get("encoder", "")), str(attrs.get("weights_hash", "")))
         if features.ndim != 2 or len(features) == 0:
             log.warning("%s: no patch features; skipped", h5_path)
             continue
@@ -114,15 +109,9 @@ def load_h5_bags(folder: str | Path, labels_csv: str | Path | None = None) -> H5
 
 def h5_feature_dim(folder: str | Path) -> int:
     """Feature size of a prepared folder (from its first feature file)."""
-    import h5py
 
     for path in sorted(Path(folder).glob("*.h5")):
-        try:
-            with h5py.File(path, "r") as h5:
-                return int(h5["features"].shape[1])
-        except (OSError, KeyError, ValueError, IndexError) as err:
-            raise DataError(f"{path}: not a PathFed feature file or damaged ({err}); re-run "
-                            "`pathfed prepare` on its slide") from None
+        return feature_dim(path)
     raise DataError(f"{folder}: no feature file (*.h5); run `pathfed prepare` first")
 
 

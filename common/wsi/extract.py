@@ -1,16 +1,8 @@
 """Slides to features: tissue, tiling and batched feature extraction, resumable.
 
-:func:`prepare` turns every slide of a folder into ``OUT_DIR/<slide-stem>.h5``:
-
-- ``coords`` ``int64[n, 2]``: baseline ``(x, y)`` of each patch's top-left corner;
-- ``features`` ``float32[n, D]``: the encoder's features, written batch by batch;
-- ``tissue_fraction``, ``qc_blur``, ``qc_pen``, ``laplacian_var``, ``pen_fraction``: per
-  patch (quality flags are stored, not used to drop patches);
-- attributes: ``mpp``, ``patch_size``, ``level``, ``downsample``, ``size_baseline``,
-  ``encoder``, ``weights_hash``, ``slide_path``, ``slide_mpp``, ``slide_mpp_source``,
-  ``tissue_threshold``, ``overlap``.
-
-Each file is written under a temporary name and renamed when complete (``os.replace``), and
+:func:`prepare` turns every slide of a folder into ``OUT_DIR/<slide-stem>.h5`` (its schema,
+shared with the readers, is :mod:`common.data.featurefile`), written under a temporary
+name and renamed when complete, and
 ``OUT_DIR/manifest.csv`` (one row per slide: ``status`` is ``done``, ``skipped`` or
 ``failed``, with the reason) is rewritten atomically after every slide. A re-run skips the
 slides done with the same settings (``mpp``, patch size, encoder, weights hash, tissue
@@ -249,43 +241,24 @@ def _write_features(
     settings: PrepareSettings, patch_reader: PatchReader, default_mpp: float | None,
     batch_size: int, on_batch: Callable[[int], None],
 ) -> None:
-    import h5py
+    from common.data.featurefile import writing
 
-    n = len(grid)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    try:
-        with h5py.File(tmp, "w") as h5:
-            h5.create_dataset("coords", data=grid.coords.astype(np.int64))
-            h5.create_dataset("tissue_fraction", data=grid.tissue_fraction)
-            feats = h5.create_dataset("features", shape=(n, encoder.dim), dtype=np.float32,
-                                      chunks=(min(n, batch_size), encoder.dim))
-            qc = {name: h5.create_dataset(name, shape=(n,), dtype=dtype) for name, dtype in
-                  (("qc_blur", bool), ("qc_pen", bool), ("laplacian_var", np.float32),
-                   ("pen_fraction", np.float32))}
-            start = 0
-            for patches, flags in patch_reader.batches(reader.path, default_mpp, grid.coords,
-                                                       grid.mpp, grid.patch_size, batch_size):
-                stop = start + len(patches)
-                feats[start:stop] = encoder(patches)
-                for name, ds in qc.items():
-                    ds[start:stop] = flags[name]
-                start = stop
-                on_batch(len(patches))
-            attrs = {
-                "mpp": grid.mpp, "patch_size": grid.patch_size, "level": grid.level,
-                "downsample": grid.downsample, "size_baseline": grid.size_baseline,
-                "encoder": encoder.name, "weights_hash": encoder.weights_hash,
-                "slide_path": str(reader.path.resolve()), "slide_mpp": reader.mpp,
-                "slide_mpp_source": reader.mpp_source,
-                "slide_dimensions": np.array(reader.dimensions, dtype=np.int64),
-                "tissue_threshold": settings.tissue_threshold, "overlap": settings.overlap,
-                "settings": settings.key(),
-            }
-            h5.attrs.update(attrs)
-        os.replace(tmp, out_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with writing(out_path, grid.coords, grid.tissue_fraction, encoder.dim,
+                 batch_size) as file:
+        for patches, flags in patch_reader.batches(reader.path, default_mpp, grid.coords,
+                                                   grid.mpp, grid.patch_size, batch_size):
+            file.add(encoder(patches), flags)
+            on_batch(len(patches))
+        file.finish({
+            "mpp": grid.mpp, "patch_size": grid.patch_size, "level": grid.level,
+            "downsample": grid.downsample, "size_baseline": grid.size_baseline,
+            "encoder": encoder.name, "weights_hash": encoder.weights_hash,
+            "slide_path": str(reader.path.resolve()), "slide_mpp": reader.mpp,
+            "slide_mpp_source": reader.mpp_source,
+            "slide_dimensions": np.array(reader.dimensions, dtype=np.int64),
+            "tissue_threshold": settings.tissue_threshold, "overlap": settings.overlap,
+            "settings": settings.key(),
+        })
 
 
 def _process_slide(

@@ -1,0 +1,107 @@
+"""The per-slide feature file (``<slide-stem>.h5``): one schema for its writer and readers.
+
+Written by ``pathfed prepare`` (:func:`common.wsi.extract.prepare`), read by
+:mod:`common.data.h5` for training. Datasets (one row per patch):
+
+- ``coords`` ``int64[n, 2]``: baseline ``(x, y)`` of each patch's top-left corner;
+- ``features`` ``float32[n, D]``: the encoder's features;
+- ``tissue_fraction``, ``qc_blur``, ``qc_pen``, ``laplacian_var``, ``pen_fraction``: per
+  patch quality (stored, not used to drop patches).
+
+Attributes: :data:`ATTRS`. A file is written under a temporary name and renamed when
+complete, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import DataError
+
+FEATURES = "features"
+COORDS = "coords"
+TISSUE = "tissue_fraction"
+QC = {"qc_blur": bool, "qc_pen": bool, "laplacian_var": np.float32, "pen_fraction": np.float32}
+"""Per-patch quality datasets and their types."""
+ATTRS = ("mpp", "patch_size", "level", "downsample", "size_baseline", "encoder",
+         "weights_hash", "slide_path", "slide_mpp", "slide_mpp_source", "slide_dimensions",
+         "tissue_threshold", "overlap", "settings")
+"""Every attribute a feature file carries."""
+
+
+class FeatureFileWriter:
+    """Datasets of one slide's feature file, filled batch by batch (see :func:`writing`)."""
+
+    def __init__(self, h5: Any, coords: np.ndarray, tissue: np.ndarray, dim: int,
+                 chunk: int) -> None:
+        n = len(coords)
+        h5.create_dataset(COORDS, data=coords.astype(np.int64))
+        h5.create_dataset(TISSUE, data=tissue)
+        self.features = h5.create_dataset(FEATURES, shape=(n, dim), dtype=np.float32,
+                                          chunks=(max(1, min(n, chunk)), dim))
+        self.qc = {name: h5.create_dataset(name, shape=(n,), dtype=dtype)
+                   for name, dtype in QC.items()}
+        self.h5 = h5
+        self.start = 0
+
+    def add(self, features: np.ndarray, flags: Mapping[str, np.ndarray]) -> None:
+        """The next batch of patches' features and quality flags."""
+        stop = self.start + len(features)
+        self.features[self.start:stop] = features
+        for name, ds in self.qc.items():
+            ds[self.start:stop] = flags[name]
+        self.start = stop
+
+    def finish(self, attrs: Mapping[str, Any]) -> None:
+        missing = set(ATTRS) - set(attrs)
+        if missing:
+            raise ValueError(f"feature file attributes missing: {sorted(missing)}")
+        self.h5.attrs.update(dict(attrs))
+
+
+@contextmanager
+def writing(path: Path, coords: np.ndarray, tissue: np.ndarray, dim: int,
+            chunk: int) -> Iterator[FeatureFileWriter]:
+    """Write ``path`` atomically: a temporary file renamed into place when complete."""
+    import h5py
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with h5py.File(tmp, "w") as h5:
+            yield FeatureFileWriter(h5, coords, tissue, dim, chunk)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_features(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """``features`` (``float32[n, D]``) and the attributes of a feature file; a missing,
+    truncated or foreign file is a :class:`DataError` naming it."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            return (np.asarray(h5[FEATURES], dtype=np.float32),
+                    {k: h5.attrs[k] for k in h5.attrs})
+    except (OSError, KeyError, ValueError) as err:
+        raise DataError(f"{path}: not a PathFed feature file or damaged ({err}); re-run "
+                        "`pathfed prepare` on its slide") from None
+
+
+def feature_dim(path: Path) -> int:
+    """The feature size of a feature file, without reading its features."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            return int(h5[FEATURES].shape[1])
+    except (OSError, KeyError, ValueError, IndexError) as err:
+        raise DataError(f"{path}: not a PathFed feature file or damaged ({err}); re-run "
+                        "`pathfed prepare` on its slide") from None
