@@ -93,11 +93,11 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     target = Path(args.report) if args.report else run_dir / "audit.html"
     from common.runs import atomic_write
 
-    atomic_write(target, render_html(report, attack).encode("utf-8"))
+    atomic_write(target, render_html(report, attack).encode("utf-8"), mode=0o644)  # shared
     print(f"report: {target}")
     if args.json:
         data = report.to_dict() | ({"attack": attack.to_dict()} if attack else {})
-        atomic_write(Path(args.json), (json.dumps(data, indent=2) + "\n").encode())
+        atomic_write(Path(args.json), (json.dumps(data, indent=2) + "\n").encode(), mode=0o644)
     ok = report.ok and (attack is None or attack.ok)
     return 0 if ok else 1
 

@@ -63,7 +63,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     print(f"{len(summary.results)} slides in {summary.seconds:.1f} s: {c['done']} done "
           f"({summary.n_patches} patches), {c['skipped']} skipped, {c['failed']} failed; "
           f"manifest: {summary.manifest}")
-    if c["failed"] and not (c["done"] or c["skipped"]):
-        log.error("every slide failed; see the reasons in %s", summary.manifest)
+    if c["failed"]:
+        log.error("%d of %d slides failed (reasons in %s); the others are done: fix them and "
+                  "re-run, only the failed slides are processed again", c["failed"],
+                  len(summary.results), summary.manifest)
         return 1
     return 0

@@ -19,17 +19,27 @@ def add_parser(sub: Any) -> None:
     server = sub.add_parser("server", help="run the consortium's SuperLink")
     vsub = server.add_subparsers(dest="action", required=True, metavar="ACTION")
     vstart = vsub.add_parser("start", help="start the SuperLink (stays in the foreground)")
-    vstart.add_argument("--consortium", required=True, metavar="DIR")
+    vstart.add_argument("--consortium", required=True, metavar="DIR",
+                        help="the consortium folder (certificates, allow-list, keys)")
     vstart.add_argument("--insecure", action="store_true", help="NO TLS, NO authentication")
     vstart.set_defaults(func=_cmd_server_start)
 
-    run = sub.add_parser("run", help="run the federation on the consortium's sites")
-    run.add_argument("--consortium", required=True, metavar="DIR")
-    run.add_argument("--config", metavar="FILE", help="TOML settings (as for simulate)")
-    run.add_argument("--out", metavar="RUN_DIR", help="run folder on the server machine")
-    run.add_argument("--rounds", type=int, metavar="R")
+    run = sub.add_parser(
+        "run", help="run the federation on the consortium's sites",
+        description="Build and sign the consortium's Flower app, submit it to the running "
+        "SuperLink with the coordinator's token (`flwr run`), stream its log, and check "
+        "the run folder it writes on the server. Exit 0 only when a global model was "
+        "trained. Sites decide their own noise and lifetime budget (see docs/deploy.md).")
+    run.add_argument("--consortium", required=True, metavar="DIR",
+                     help="the consortium folder (holds the coordinator's token)")
+    run.add_argument("--config", metavar="FILE", help="TOML settings (as for simulate); "
+                     "give the sites' data settings (encoder, patch size)")
+    run.add_argument("--out", metavar="RUN_DIR",
+                     help="run folder on the server machine (default runs/<timestamp>)")
+    run.add_argument("--rounds", type=int, metavar="R", help="federated rounds")
     run.add_argument("--resume", action="store_true", help="continue RUN_DIR after a restart")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="any other setting, e.g. --set epsilon=3 (repeatable)")
     run.add_argument("--insecure", action="store_true", help="NO TLS, NO authentication")
     run.set_defaults(func=_cmd_run)
 

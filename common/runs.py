@@ -39,11 +39,16 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all, and make it durable (file and folder fsynced)."""
+def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write ``path`` whole or not at all, and make it durable (file and folder fsynced).
+
+    The file is owner-only (0600, as ``mkstemp`` makes it) unless ``mode`` says otherwise
+    (e.g. 0o644 for a report meant to be shared)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -260,7 +260,7 @@ def test_prepare_is_fault_isolated_and_resumable(slide_folder: Path, tmp_path: P
         assert attrs["mpp"] == 1.0 and attrs["patch_size"] == 64 and attrs["level"] == 0
         assert attrs["encoder"] == "color-texture" and attrs["weights_hash"] == "none"
         assert attrs["slide_mpp"] == pytest.approx(0.499) and attrs["downsample"] == 1.0
-        assert attrs["slide_path"].endswith("cmu.svs")
+        assert attrs["slide_path"] == "cmu.svs"  # relative: no hospital directory layout
     assert not list(out.glob(".*tmp"))  # no temporary file left behind
 
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")}
@@ -315,14 +315,16 @@ def test_cli_prepare(pyramid_slide: Path, tmp_path: Path) -> None:
     (slides / "b.svs").write_text("junk")
     r = pathfed("prepare", str(slides), "--out", str(tmp_path / "out"), "--mpp", "1",
                 "--patch-size", "64")
-    assert r.returncode == 0, r.stderr
+    # one failed slide: the others are done, and the exit status says something failed
+    assert r.returncode == 1, r.stderr
     assert "1 done" in r.stdout and "1 failed" in r.stdout and "manifest.csv" in r.stdout
+    assert "1 of 2 slides failed" in r.stderr
     with (tmp_path / "out" / "manifest.csv").open() as fh:
         assert {row["slide"]: row["status"] for row in csv.DictReader(fh)} == {
             "a.tif": "done", "b.svs": "failed"}
     (slides / "a.tif").unlink()
     r = pathfed("prepare", str(slides), "--out", str(tmp_path / "out2"))
-    assert r.returncode == 1 and "every slide failed" in r.stderr
+    assert r.returncode == 1 and "1 of 1 slides failed" in r.stderr
 
 
 def test_cli_prepare_bad_input_exits_2(tmp_path: Path) -> None:

@@ -239,7 +239,7 @@ class PatchReader:
 def _write_features(
     out_path: Path, reader: SlideReader, grid: PatchGrid, encoder: Encoder,
     settings: PrepareSettings, patch_reader: PatchReader, default_mpp: float | None,
-    batch_size: int, on_batch: Callable[[int], None],
+    batch_size: int, on_batch: Callable[[int], None], slide_path: str,
 ) -> None:
     from common.data.featurefile import writing
 
@@ -253,7 +253,9 @@ def _write_features(
             "mpp": grid.mpp, "patch_size": grid.patch_size, "level": grid.level,
             "downsample": grid.downsample, "size_baseline": grid.size_baseline,
             "encoder": encoder.name, "weights_hash": encoder.weights_hash,
-            "slide_path": str(reader.path.resolve()), "slide_mpp": reader.mpp,
+            # relative to the slide folder: an absolute path would tell anyone holding
+            # the features how the hospital lays out its storage
+            "slide_path": slide_path, "slide_mpp": reader.mpp,
             "slide_mpp_source": reader.mpp_source,
             "slide_dimensions": np.array(reader.dimensions, dtype=np.int64),
             "tissue_threshold": settings.tissue_threshold, "overlap": settings.overlap,
@@ -265,6 +267,7 @@ def _process_slide(
     path: Path, out_path: Path, encoder: Encoder, settings: PrepareSettings,
     patch_reader: PatchReader, default_mpp: float | None, batch_size: int,
     thumbnail_size: int, on_grid: Callable[[int], None], on_batch: Callable[[int], None],
+    name: str = "",
 ) -> int:
     with open_slide(path, default_mpp=default_mpp) as reader:
         grid = tile_tissue(reader, settings.mpp, settings.patch_size, overlap=settings.overlap,
@@ -275,7 +278,7 @@ def _process_slide(
                             "tissue (blank slide? try a lower --tissue-threshold)")
         on_grid(len(grid))
         _write_features(out_path, reader, grid, encoder, settings, patch_reader, default_mpp,
-                        batch_size, on_batch)
+                        batch_size, on_batch, name or path.name)
         return len(grid)
 
 
@@ -415,7 +418,7 @@ def _prepare_locked(slides: list[Path], slides_dir: Path, out: Path, enc: Any, m
                 try:
                     n = _process_slide(path, out_path, enc, settings, patch_reader, slide_mpp,
                                        batch_size, thumbnail_size, bars.set_patches,
-                                       bars.advance_patches)
+                                       bars.advance_patches, name)
                     result = SlideResult(name, DONE, "", n, time.perf_counter() - t0,
                                          out_path.name, settings.key())
                 except (PathFedError, OSError, ValueError) as err:
