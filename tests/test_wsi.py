@@ -290,6 +290,7 @@ def test_prepared_folder_is_training_data(slide_folder: Path, tmp_path: Path) ->
     assert sorted(len(s.train) + len(s.val) for s in two) == [1, 2]
 
 
+@pytest.mark.slow  # starts worker processes
 def test_workers_give_the_same_features(pyramid_slide: Path, tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     shutil.copy(pyramid_slide, tmp_path / "in" / "s.tif")
