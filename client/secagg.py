@@ -12,6 +12,7 @@ Flower's internals are where this seam expects them.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import logging
@@ -73,10 +74,30 @@ def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
         return call_next(msg, ctxt)
     install_hardened_masks()
     token = mask_round.set(int(msg.metadata.group_id or 0))
+    seed = quantiser_seed(msg, ctxt)
+    saved = np.random.get_state() if seed is not None else None
+    if seed is not None:
+        np.random.seed(seed)
     try:
-        return _flwr_mod.secaggplus_mod(msg, ctxt, call_next)
+        return cast(Message, _flwr_mod.secaggplus_mod(msg, ctxt, call_next))
     finally:
         mask_round.reset(token)
+        if saved is not None:
+            np.random.set_state(saved)
+
+
+def quantiser_seed(msg: Message, ctxt: Context) -> int | None:
+    """A seed for Flower's stochastic rounding of the update (``quantize`` draws from
+    NumPy's global generator), so that the same seed gives the same numbers with SecAgg+
+    too: only in a simulation whose run is ``deterministic``, never in deployment (a
+    deployed site's node config names it), where the rounding stays unpredictable."""
+    if "site-name" in ctxt.node_config:
+        return None
+    config = msg.content.config_records.get("fitins.config")  # the masked-vector stage
+    if config is None or not config.get("deterministic"):
+        return None
+    parts = (config.get("seed"), ctxt.node_config.get("partition-id"), msg.metadata.group_id)
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
 
 
 def packed_encode(array: np.ndarray) -> bytes:

@@ -177,3 +177,28 @@ def test_round_and_array_index_key_the_masks() -> None:
     r1 = expand_masks(key, MOD, [(512,), (512,)], round_number=1)
     r2 = expand_masks(key, MOD, [(512,), (512,)], round_number=2)
     assert (r1[0] == r2[0]).mean() < 0.01 and (r1[0] == r1[1]).mean() < 0.01
+
+
+def test_quantiser_is_seeded_only_in_deterministic_simulations() -> None:
+    from types import SimpleNamespace
+
+    from flwr.app import Context, RecordDict
+
+    def msg(config: dict[str, object] | None) -> object:
+        records = {"fitins.config": config} if config is not None else {}
+        return SimpleNamespace(content=SimpleNamespace(config_records=records),
+                               metadata=SimpleNamespace(group_id="3"))
+
+    def ctx(node: dict[str, object]) -> Context:
+        return Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
+                       run_config={})
+
+    seeded = {"deterministic": True, "seed": 7}
+    sim = client_seam.quantiser_seed(msg(seeded), ctx({"partition-id": 0}))
+    assert sim is not None
+    assert sim == client_seam.quantiser_seed(msg(seeded), ctx({"partition-id": 0}))
+    assert sim != client_seam.quantiser_seed(msg(seeded), ctx({"partition-id": 1}))
+    deployed = ctx({"site-name": "hospital-a", "partition-id": 0})
+    assert client_seam.quantiser_seed(msg(seeded), deployed) is None  # never in deployment
+    assert client_seam.quantiser_seed(msg({"deterministic": False}), ctx({})) is None
+    assert client_seam.quantiser_seed(msg(None), ctx({})) is None  # other SecAgg+ stages
