@@ -256,3 +256,16 @@ def test_prepare_refuses_while_another_holds_the_folder(tmp_path: Path,
     finally:
         held.close()
     assert not (out / "manifest.csv").exists()  # nothing of the first run was touched
+
+
+def test_an_image_smaller_than_the_patch_says_so(tmp_path: Path) -> None:
+    from common.wsi.extract import prepare
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    Image.fromarray(np.full((40, 40, 3), 120, np.uint8)).save(slides / "tiny.png")
+    summary = prepare(slides, tmp_path / "out", mpp=0.5, patch_size=64, slide_mpp=0.5,
+                      progress=False)
+    reason = summary.results[0].reason
+    assert "smaller than one 64 px patch" in reason and "--patch-size" in reason
+    assert "tissue-threshold" not in reason

@@ -264,11 +264,13 @@ def test_prepare_is_fault_isolated_and_resumable(slide_folder: Path, tmp_path: P
     assert not list(out.glob(".*tmp"))  # no temporary file left behind
 
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")}
+    first_seconds = read_manifest(out / "manifest.csv")["cmu.svs"]["seconds"]
     again = prepare(slide_folder, out, mpp=1.0, patch_size=64, progress=False)
     assert again.counts == {"done": 0, "skipped": 3, "failed": 2}
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")} == mtimes  # no work
     rows = read_manifest(out / "manifest.csv")
     assert rows["cmu.svs"]["status"] == "skipped" and rows["cmu.svs"]["n_patches"] != "0"
+    assert rows["cmu.svs"]["seconds"] == first_seconds != "0.00"  # the first run's timing
 
     changed = prepare(slide_folder, out, mpp=1.0, patch_size=32, progress=False)
     assert changed.counts["done"] == 3  # other settings: redone

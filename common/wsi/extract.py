@@ -274,6 +274,12 @@ def _process_slide(
                            tissue_threshold=settings.tissue_threshold,
                            thumbnail_size=thumbnail_size)
         if len(grid) == 0:
+            scale = reader.mpp / settings.mpp
+            width, height = (int(d * scale) for d in reader.dimensions)
+            if min(width, height) < settings.patch_size:
+                raise DataError(f"{path}: the slide is {width} x {height} px at {settings.mpp:g} "
+                                f"um/px, smaller than one {settings.patch_size} px patch; use a "
+                                "smaller --patch-size (or a finer --mpp)")
             raise DataError(f"{path}: no patch has {100 * settings.tissue_threshold:.0f} % "
                             "tissue (blank slide? try a lower --tissue-threshold)")
         on_grid(len(grid))
@@ -412,8 +418,9 @@ def _prepare_locked(slides: list[Path], slides_dir: Path, out: Path, enc: Any, m
             elif (previous.get("status") in (DONE, SKIPPED)
                   and previous.get("settings") == settings.key() and out_path.is_file()):
                 result = SlideResult(name, SKIPPED, "already done with the same settings",
-                                     int(previous.get("n_patches") or 0), 0.0, out_path.name,
-                                     settings.key())
+                                     int(previous.get("n_patches") or 0),
+                                     _seconds(previous.get("seconds")),  # the first run's
+                                     out_path.name, settings.key())
             else:
                 try:
                     n = _process_slide(path, out_path, enc, settings, patch_reader, slide_mpp,
@@ -441,6 +448,13 @@ def _prepare_locked(slides: list[Path], slides_dir: Path, out: Path, enc: Any, m
         bars.stop()
         patch_reader.close()
     return PrepareSummary(results, manifest_path, time.perf_counter() - start_all)
+
+
+def _seconds(text: str | None) -> float:
+    try:
+        return float(text or 0.0)
+    except ValueError:
+        return 0.0
 
 
 def _one_line(err: BaseException, path: Path) -> str:

@@ -46,8 +46,8 @@ SLIDE_SUFFIXES = OPENSLIDE_SUFFIXES | IMAGE_SUFFIXES
 # Microscopy scans lie between ~0.05 (100x oil) and ~20 µm/px (macro photos); a TIFF's
 # resolution tag outside that range is a default such as 72 dpi, not a measurement.
 PLAUSIBLE_MPP = (0.05, 20.0)
-_MPP_FIX = ("pass its microns per pixel: open_slide(path, default_mpp=...) or "
-            "`pathfed prepare --slide-mpp`")
+_MPP_FIX = ("give its microns per pixel with `pathfed prepare --slide-mpp MPP` (0.5 for "
+            "a 20x scan; in Python: open_slide(path, default_mpp=MPP))")
 
 Location = tuple[int, int]
 Size = tuple[int, int]
