@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from common.data.bags import SiteData, split_bags
+from common.data.featurefile import feature_dim, read_features
 from common.data.images import LabelledImage, assign_sites
 from common.data.labels import read_label_rows
 from common.errors import DataError
-from common.data.featurefile import feature_dim, read_features
 
 log = logging.getLogger(__name__)
 
