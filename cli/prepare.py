@@ -27,7 +27,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--patch-size", type=int, default=256, metavar="PX",
                    help="patch side in pixels (default 256)")
     p.add_argument("--encoder", default="color-texture", metavar="NAME",
-                   help="feature encoder: color-texture (default), resnet-tiny, timm:ARCH")
+                   help="feature encoder: color-texture (default), resnet-tiny, patch-cnn, "
+                   "timm:ARCH (`pathfed models` lists them)")
     p.add_argument("--weights", metavar="FILE", help="local weights file of the encoder")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help=f"processes reading patches (default 1; this machine has "
