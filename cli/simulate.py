@@ -94,6 +94,13 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     auc = "undefined (validation slides of one class)" if summary.get("auc") is None \
         else f"{summary['auc']:.3f}"
     acc = "n/a" if summary.get("accuracy") is None else f"{summary['accuracy']:.3f}"
+    steady = summary.get("auc_last3_mean")
+    if steady is not None and summary.get("rounds", 0) >= 3:
+        auc += f" (last 3 rounds {steady:.3f} +/- {summary['auc_last3_sd']:.3f})"
+    calibrated = summary.get("balanced_accuracy_calibrated")
+    if calibrated is not None:
+        acc += (f", balanced accuracy {calibrated:.3f} at the validation-calibrated "
+                f"threshold (logit {summary['threshold']:.2f})")
     print(f"done in {wall:.1f} s, {summary['rounds_with_model']} rounds: AUC {auc}, "
           f"accuracy {acc}"
           + (f", epsilon {eps} at delta {summary['delta']:g}" if summary["dp"] else ", no DP"))

@@ -91,6 +91,23 @@ class EvalCounts:
         tnr = self.tn / (self.tn + self.fp) if self.tn + self.fp else float("nan")
         return float(np.nanmean([tpr, tnr])) if self.n else float("nan")
 
+    def calibrated(self) -> tuple[float, float]:
+        """The logit threshold that maximises balanced accuracy on these counts, and that
+        balanced accuracy (NaN with one class). Chosen from the score histograms alone, so
+        no per-slide score is needed; it is tuned on the data it is reported on."""
+        pos, neg = np.array(self.hist_pos, float), np.array(self.hist_neg, float)
+        if not pos.sum() or not neg.sum():
+            return 0.0, float("nan")
+        edges = np.linspace(-LOGIT_RANGE, LOGIT_RANGE, HIST_BINS - 1)
+        # predicting positive from bin k upwards: TPR = pos[k:]/P, TNR = neg[:k]/N
+        tpr = np.concatenate([np.cumsum(pos[::-1])[::-1], [0.0]]) / pos.sum()
+        tnr = np.concatenate([[0.0], np.cumsum(neg)]) / neg.sum()
+        balanced = (tpr + tnr) / 2
+        k = int(np.argmax(balanced))
+        threshold = float(edges[k - 1]) if 0 < k < len(edges) + 1 else (
+            -LOGIT_RANGE if k == 0 else LOGIT_RANGE)
+        return threshold, float(balanced[k])
+
     @property
     def auc(self) -> float:
         return auc_from_histograms(np.array(self.hist_pos), np.array(self.hist_neg))

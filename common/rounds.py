@@ -47,6 +47,8 @@ from common.runs import RunFolder, json_safe, sha256_file
 log = logging.getLogger(__name__)
 
 NDArrays = list[np.ndarray]
+LAST_K = 3
+"""Rounds the summary's steadier AUC averages over."""
 
 
 class FederationAborted(PathFedError):
@@ -265,11 +267,13 @@ class RoundBook:
                   for s in fit["trained"] if _finite(fit["sites"][s].get("train_loss"))]
         train_loss = (float(np.average([x for x, _ in losses], weights=[n for _, n in losses]))
                       if losses else math.nan)
+        threshold, calibrated = total.calibrated()
         summary = {
             "round": server_round, "site": "global", "sites_trained": len(fit["trained"]),
             "sites": len(records), "train_loss": train_loss, "val_loss": total.loss,
             "val_auc": total.auc, "val_accuracy": total.accuracy,
             "val_balanced_accuracy": total.balanced_accuracy,
+            "val_threshold": threshold, "val_balanced_accuracy_calibrated": calibrated,
             "epsilon": dict(sorted(self.epsilon.items())),
         }
         if self.run is not None:
@@ -291,11 +295,18 @@ class RoundBook:
         models = done_before + self.models
         cfg = self.cfg
         latest = self.run.latest_checkpoint() if self.run is not None else None
+        recent = [h["val_auc"] for h in self.history[-LAST_K:]
+                  if _finite(h.get("val_auc"))]
         summary = json_safe({
             "rounds": len(self.history), "rounds_planned": cfg.rounds,
             "rounds_with_model": models,
             "auc": last.get("val_auc"), "accuracy": last.get("val_accuracy"),
             "balanced_accuracy": last.get("val_balanced_accuracy"),
+            # the headline, steadier than one round: mean and spread of the last rounds
+            f"auc_last{LAST_K}_mean": float(np.mean(recent)) if recent else None,
+            f"auc_last{LAST_K}_sd": float(np.std(recent)) if recent else None,
+            "threshold": last.get("val_threshold"),
+            "balanced_accuracy_calibrated": last.get("val_balanced_accuracy_calibrated"),
             "val_loss": last.get("val_loss"),
             "epsilon": dict(sorted(self.epsilon.items())), "delta": cfg.delta,
             "dp": cfg.dp, "secagg": self.secagg, "sites": cfg.sites, "model": cfg.model,

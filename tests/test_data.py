@@ -163,3 +163,23 @@ def test_latest_checkpoint_past_round_999(tmp_path: Path) -> None:
     (tmp_path / "checkpoints" / "round-notes.txt").write_text("ignored")
     rnd, path = run.latest_checkpoint()
     assert rnd == 1001 and path.name == "round-1001.npz"
+
+
+def test_threshold_calibrated_from_histograms_matches_brute_force() -> None:
+    from common.metrics import EvalCounts
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, 400)
+    logits = rng.normal(2.0 * labels + 1.0, 1.0)  # every logit > 0: threshold 0 is poor
+    counts = EvalCounts.from_predictions(logits, labels, 0.0)
+    threshold, balanced = counts.calibrated()
+
+    def at(t: float) -> float:
+        pred = logits > t
+        return ((pred & (labels == 1)).sum() / (labels == 1).sum()
+                + (~pred & (labels == 0)).sum() / (labels == 0).sum()) / 2
+
+    assert balanced == pytest.approx(at(threshold))
+    best = max(at(t) for t in np.unique(logits))
+    assert balanced >= best - 0.02 and balanced > counts.balanced_accuracy + 0.1
+    assert np.isnan(EvalCounts.from_predictions(logits, np.ones(400), 0.0).calibrated()[1])
