@@ -46,9 +46,14 @@ def settings(config: str | None, sets: Sequence[str], flags: Mapping[str, Any] |
              ) -> Any:
     """A validated :class:`~common.config.FederationConfig` from defaults < ``--config FILE``
     < ``--set KEY=VALUE`` < ``flags`` (None values are left out)."""
-    from common.config import FederationConfig, load_config_file
+    from common.config import FederationConfig, data_defaults, load_config_file
 
     values: dict[str, Any] = load_config_file(config) if config else {}
+    if not config:  # defaults that learn on this kind of data (image or feature folders)
+        data = (flags or {}).get("data") or next(
+            (item.partition("=")[2].strip().strip('"') for item in sets
+             if item.partition("=")[0].strip() == "data"), None)
+        values = data_defaults(data)
     for item in sets:
         key, sep, value = item.partition("=")
         if not sep:

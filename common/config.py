@@ -186,6 +186,24 @@ class FederationConfig(BaseModel):
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
+SMALL_DATA_DEFAULTS: dict[str, Any] = {
+    "rounds": 20, "local-epochs": 2, "batch-size": 4, "optimizer": "adam", "lr": 0.005,
+}
+"""Defaults for a folder of labelled images or prepared features (tens of slides per site,
+as in the UCSB set): small Poisson batches, Adam, more rounds. The synthetic default keeps
+the fields' own defaults. Tuned on UCSB (simulations/configs/ucsb.toml)."""
+
+
+def data_defaults(data: str | None) -> dict[str, Any]:
+    """The defaults that learn on ``data``'s kind (below any --config, --set or flag)."""
+    if not data:
+        return {}
+    folder = Path(data)
+    if folder.is_dir() and ((folder / "labels.csv").is_file()
+                            or (folder / "manifest.csv").is_file()):
+        return dict(SMALL_DATA_DEFAULTS)
+    return {}
+
 
 def parse_site_values(text: str) -> dict[str, float]:
     """Parse ``'site-0=1.5,site-2=3'`` into ``{'site-0': 1.5, 'site-2': 3.0}``."""

@@ -61,3 +61,20 @@ def test_shipped_configs_are_valid() -> None:
     assert len(paths) >= 3, "the shipped configs moved: update this test"  # not vacuous
     for path in paths:
         FederationConfig.from_mapping(load_config_file(path), str(path))
+
+
+def test_image_and_feature_folders_get_defaults_that_learn(tmp_path: Path) -> None:
+    from cli._shared import settings
+    from common.config import SMALL_DATA_DEFAULTS
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "labels.csv").write_text("image,label\n")
+    cfg = settings(None, [], {"data": str(images)})
+    assert cfg.optimizer == "adam" and cfg.rounds == SMALL_DATA_DEFAULTS["rounds"]
+    assert settings(None, ["rounds=5"], {"data": str(images)}).rounds == 5  # --set wins
+    assert settings(None, [f'data="{images}"'], {}).batch_size == 4
+    assert settings(None, [], {}).optimizer == "sgd"  # synthetic bags keep their defaults
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text("rounds = 3\n")
+    assert settings(str(cfg_file), [], {"data": str(images)}).optimizer == "sgd"  # a config
