@@ -19,7 +19,6 @@ would be an unaccounted use of private data outside DP-SGD.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -152,12 +151,10 @@ class TorchEncoder:
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex sha256 of a file (:func:`common.runs.sha256_file`)."""
+    from common.runs import sha256_file
+
+    return sha256_file(path)
 
 
 def load_weights(module: nn.Module, path: str | Path, encoder: str) -> str:

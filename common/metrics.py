@@ -119,13 +119,3 @@ class EvalCounts:
             value = getattr(self, f.name)
             out[f.name] = np.asarray(value, "<i4").tobytes() if isinstance(value, list) else value
         return out
-
-    @classmethod
-    def from_metrics(cls, metrics: dict[str, Any]) -> EvalCounts:
-        values = {}
-        for f in fields(cls):
-            value = metrics[f.name]
-            if isinstance(value, bytes):
-                value = np.frombuffer(value, "<i4").astype(int).tolist()
-            values[f.name] = value
-        return cls(**values)

@@ -75,12 +75,11 @@ class RoundBook:
         run: the run folder (checkpoints, metrics, summary); None records nothing on disk.
         ledger: the privacy ledger, or None.
         round_offset: rounds done before (a resumed run).
-        secure_aggregation: whether replies carry only the SecAgg+ aggregate.
     """
 
     def __init__(self, cfg: FederationConfig, names: list[str], weights: Sequence[np.ndarray],
-                 run: RunFolder | None, ledger: Ledger | None = None, round_offset: int = 0,
-                 secure_aggregation: bool | None = None) -> None:
+                 run: RunFolder | None, ledger: Ledger | None = None,
+                 round_offset: int = 0) -> None:
         self.cfg = cfg
         self.names = names
         self.global_weights = [np.asarray(w) for w in weights]
@@ -88,7 +87,8 @@ class RoundBook:
         self.run = run
         self.ledger = ledger
         self.round_offset = round_offset
-        self.secagg = cfg.secagg if secure_aggregation is None else secure_aggregation
+        self.secagg = cfg.secagg
+        """Whether replies carry only the SecAgg+ aggregate."""
         self.bound = update_bound(cfg)
         """The value bound of any honest update, and so of any (weighted mean) aggregate."""
         self.declared: dict[str, int] = {}

@@ -115,13 +115,14 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
         from server.strategy import FederationAborted, failure_reason
 
         reasons = [failure_reason(f) for f in state.failures[failed_before:]]
-        for reason in reasons:
-            log.warning("a site failed in training: %s", reason)
         if dropped and state.active_node_ids:
+            # the strategy logs these failures when Flower hands it the round's results
             log.warning("%d site(s) dropped before sending masked updates; their masks are "
                         "recovered from shares", len(dropped))
+        elif reasons:  # nobody left: Flower may not reach the strategy this round
+            for reason in reasons:
+                log.warning("a site failed in training: %s", reason)
         if book is not None:
-            book.failures.extend(reasons)
             if not state.active_node_ids and reasons and book.first_round(book.last_round):
                 raise FederationAborted(f"round {book.last_round}: every site failed, "
                                         f"nothing was trained; first failure: {reasons[0]}")

@@ -65,11 +65,9 @@ class PathFedStrategy(FedAvg):
             evaluate_metrics_aggregation_fn=lambda _: {},
         )
         self.cfg = cfg
-        self.round_offset = round_offset
-        """Rounds done before this process started (a resumed run): Flower counts from 1."""
-        self.ledger = ledger
-        """The privacy ledger: every site's signed record and the server's, hash-chained."""
         self.book = RoundBook(cfg, names, weights, run, ledger, round_offset)
+        """The run's records; ``book.round_offset``: rounds done before this process
+        started (a resumed run), since Flower counts from 1."""
         self.node_site: dict[int, str] = {}
         """Flower node id -> the site's name (fixed at the node's first reply)."""
 
@@ -77,8 +75,8 @@ class PathFedStrategy(FedAvg):
     def _config(self, server_round: int) -> dict[str, Scalar]:
         config: dict[str, Scalar] = {k: v for k, v in self.cfg.to_run_config().items()}
         config["server-round"] = server_round
-        if self.ledger is not None:
-            config["ledger-run"] = self.ledger.run
+        if self.book.ledger is not None:
+            config["ledger-run"] = self.book.ledger.run
         return config
 
     def _available(self, client_manager: ClientManager, server_round: int,
@@ -96,7 +94,7 @@ class PathFedStrategy(FedAvg):
         return list(client_manager.all().values())
 
     def _round(self, server_round: int) -> int:
-        return server_round + self.round_offset
+        return server_round + self.book.round_offset
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:

@@ -90,10 +90,10 @@ def _signed(strategy: PathFedStrategy, keys: dict[str, SigningKey], site: str,
             update: list[np.ndarray], server_round: int, run: str | None = None,
             n: int = 10) -> str:
     report = SiteReport(update, n, _metrics(site))
-    assert strategy.ledger is not None
+    assert strategy.book.ledger is not None
     record = site_round_record(report, strategy.book.global_weights, server_round=server_round,
                                site=site, plan=None, secagg=False,
-                               run=strategy.ledger.run if run is None else run)
+                               run=strategy.book.ledger.run if run is None else run)
     return encode_signed(sign_record(record, keys[site], site))
 
 

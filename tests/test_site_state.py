@@ -155,3 +155,17 @@ def test_deployed_site_ignores_the_servers_deterministic_flag() -> None:
     assert _site(context(deployed), config).noise == "csprng"
     assert _site(context({**deployed, "deterministic-noise": "true"}), config).noise == "seeded"
     assert _site(context({"partition-id": 0}), config).noise == "seeded"  # a simulation
+
+
+def test_in_memory_replay_keeps_the_update_exactly() -> None:
+    """`flwr run .` keeps the state in Flower's context: a replayed update must hash the
+    same as the one the site signed (dtype included)."""
+    from common.ledger import hash_arrays
+
+    store = SiteStore("site-0")
+    update = [np.arange(6, dtype=np.float32).reshape(2, 3) / 7, np.ones(2, np.float64)]
+    store.save("r", {"accountant": None}, last={"round": 2, "received": "h", "update": update,
+                                                "n_samples": 5, "metrics": {"b": b"\x01"}})
+    again = SiteStore("site-0", text=store.dumps()).replay("r", 2, "h")
+    assert again is not None and hash_arrays(again["update"]) == hash_arrays(update)
+    assert again["metrics"] == {"b": b"\x01"} and again["n_samples"] == 5

@@ -19,14 +19,17 @@ Data flow (see :class:`Ledger` for the server side):
 
 1. Run start, server: ``ledger = Ledger(run_dir / "ledger.jsonl", server_key)`` then
    ``ledger.start(config, site_keys, initial_weights)`` with every site's public key.
-2. Each round, each site, after :meth:`common.site.Site.train`:
-   ``record = site_round_record(report, received_weights, ...)``;
+2. Each round, each site, in :meth:`common.site.Site.round` (after training):
+   ``record = site_round_record(report, received_weights, ..., run=..., noise=...)``;
    ``signed = sign_record(record, site_key, site_name)``; send
    ``encode_signed(signed)`` as the string metric :data:`LEDGER_METRIC` and keep
    ``envelope_hash(signed)`` in the site's state for the next round's ``previous``.
-3. Each round, server: ``ledger.append(decode_signed(metrics))`` for each accepted reply
-   (it raises :class:`LedgerError` on a bad signature: reject that reply), then
-   ``ledger.append_server(server_round_record(...))`` after aggregation.
+3. Each round, server (:meth:`common.rounds.RoundBook.check`, for every reply, before
+   its other checks, so a rejected update's spend is still recorded):
+   ``ledger.append(decode_signed(metrics), server_round)``. It raises
+   :class:`LedgerError` on a bad signature, or a record of another run or round; the
+   reply is then rejected. After aggregation the server calls
+   ``ledger.append_server(server_round_record(...))``, and at the end ``ledger.end(...)``.
 
 Modules: :mod:`~common.ledger.records` (hashes, signatures, record builders, schemas),
 :mod:`~common.ledger.chain` (:class:`Ledger`, the writer), :mod:`~common.ledger.verify`

@@ -8,8 +8,9 @@ the data path a site builds for it (never its name):
 - ``patches``: a classifier of image patches; inputs ``patches[B, K, 3, P, P]`` drawn from
   each slide; built with ``patch_size``.
 
-Training needs :class:`TrainableModel`; heatmaps and explanations use
-:class:`InstanceScorer` when the model offers it.
+Training needs :class:`TrainableModel`. :class:`InstanceScorer` is the contract a model
+offers for per-patch scores (attention, instance logits); no registered model implements
+it yet, and the heatmaps of ``pathfed predict`` (to come) will need it.
 """
 
 from __future__ import annotations

@@ -139,8 +139,7 @@ def plan_site(
 class SiteAccountant:
     """A site's privacy accountant, persistent across rounds (an Opacus accountant inside)."""
 
-    def __init__(self, mechanism: str = "rdp", state: dict[str, Any] | None = None,
-                 prior: list[tuple[float, float, int]] | None = None) -> None:
+    def __init__(self, mechanism: str = "rdp", state: dict[str, Any] | None = None) -> None:
         self.mechanism = mechanism
         self.accountant = create_accountant(mechanism)
         if state:
@@ -148,9 +147,9 @@ class SiteAccountant:
                 "history": [tuple(h) for h in state["history"]],
                 "mechanism": self.accountant.mechanism(),
             })
-        self.prior: list[tuple[float, float, int]] = [(float(h[0]), float(h[1]), int(h[2]))
-                                                      for h in prior or []]
-        """Steps of the site's *other* runs: they count towards its lifetime budget."""
+        self.prior: list[tuple[float, float, int]] = []
+        """Steps of the site's *other* runs (the site's store sets them): they count
+        towards its lifetime budget."""
 
     @property
     def history(self) -> list[tuple[float, float, int]]:

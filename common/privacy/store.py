@@ -122,7 +122,8 @@ class SiteStore:
         if not last or last.get("round") != server_round or last.get("received") != received:
             return None
         if self.folder is None:
-            arrays = [np.asarray(a) for a in last["update_inline"]]
+            arrays = [np.asarray(a, dtype=d) for a, d in zip(last["update_inline"],
+                                                             last["update_dtypes"])]
         else:
             path = self._update_file(run)
             if path is None or not path.is_file():
@@ -143,6 +144,7 @@ class SiteStore:
             path = self._update_file(run)
             if path is None:
                 entry["last"]["update_inline"] = [u.tolist() for u in update]
+                entry["last"]["update_dtypes"] = [u.dtype.str for u in update]
             else:
                 buf = io.BytesIO()
                 np.savez(buf, **{f"a{i}": u for i, u in enumerate(update)})  # type: ignore[arg-type]
