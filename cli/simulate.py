@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from cli._shared import settings, setup_logging
-from common.errors import DataError
 
 log = logging.getLogger("pathfed")
 
@@ -38,38 +37,6 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=_cmd_simulate)
 
 
-def _check_data(cfg: Any) -> None:
-    """Fail before any work if the data folder cannot give every site something."""
-    if not cfg.data or cfg.data.endswith(".npz"):
-        return
-    from common.data.h5 import is_h5_folder
-
-    if is_h5_folder(cfg.data):  # prepared features: every file read once, here
-        from common.data.h5 import load_h5_bags
-
-        load_h5_bags(cfg.data)
-        return
-    from common.data.images import assign_sites, read_image, read_labels
-
-    folder = Path(cfg.data)
-    sites = assign_sites(read_labels(folder), cfg.sites)
-    unreadable = 0
-    for index, items in enumerate(sites):
-        readable = 0
-        for item in items:
-            try:
-                read_image(item.path)
-                readable += 1
-            except DataError as err:
-                unreadable += 1
-                log.warning("%s; it will be skipped", err)
-        if readable < 2:
-            raise DataError(f"{folder}: site-{index} has {readable} readable image(s); "
-                            "it needs two at least (fix the images or use fewer --sites)")
-    if unreadable:
-        log.warning("%d image(s) unreadable; the run goes on without them", unreadable)
-
-
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from common.runs import default_run_dir
 
@@ -80,7 +47,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if not cfg.out:
         cfg = cfg.model_copy(update={"out": str(default_run_dir())})
     setup_logging(args.verbose)
-    _check_data(cfg)
+    from common.data.sources import check_source
+
+    check_source(cfg.data, cfg.sites)
     from simulations.simulate import simulate
 
     start = time.perf_counter()

@@ -27,16 +27,39 @@ BOUND_SLACK = 1e-6
 """Relative slack on value bounds (float rounding, SecAgg+ quantisation)."""
 
 
+# Adam moves a parameter by at most about lr * (1 - beta1) / sqrt(1 - beta2) per step
+# (3.16 lr at the defaults); we allow 4 lr.
+ADAM_STEP_BOUND = 4.0
+
+
+def update_value_bound(optimizer: str, lr: float, steps: int, max_grad_norm: float,
+                       noise_multiplier: float, batch_size: int) -> float:
+    """Bound on any single coordinate of a round's update.
+
+    With Adam the bound is deterministic. With SGD each step moves a coordinate by at most
+    ``lr * C`` (clipped gradients) plus Gaussian noise ``lr * sigma * C / B``; we allow
+    six standard deviations of the noise summed over the round.
+    """
+    if optimizer == "adam":
+        return ADAM_STEP_BOUND * lr * steps
+    noise = 6.0 * lr * noise_multiplier * max_grad_norm * math.sqrt(steps) / batch_size
+    return lr * max_grad_norm * steps + noise
+
+
 def update_bound(cfg: Any) -> float:
     """The largest value any coordinate of an honest site's round update can take.
 
     Every site clips its gradients to ``max-grad-norm`` (with or without DP), so with
     ``local-epochs`` over at most ``secagg-max-weight`` slides a round's update is bounded
-    (:func:`common.training.update_value_bound`). It is also SecAgg+'s clipping range.
+    (:func:`update_value_bound`). It is also SecAgg+'s clipping range, which silently
+    clips larger values; ``secagg-clipping-range`` overrides it.
     """
-    from common.site import secagg_clipping_range
-
-    return secagg_clipping_range(cfg)
+    if cfg.secagg_clipping_range > 0:
+        return float(cfg.secagg_clipping_range)
+    steps = cfg.local_epochs * math.ceil(cfg.secagg_max_weight / cfg.batch_size)
+    sigma = cfg.max_noise_multiplier if cfg.dp else 0.0
+    return update_value_bound(cfg.optimizer, cfg.lr, steps, cfg.max_grad_norm, sigma,
+                              cfg.batch_size)
 
 
 def _is_number(value: Any) -> bool:

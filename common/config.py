@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 
 
 def _kebab(name: str) -> str:
@@ -196,13 +196,13 @@ the fields' own defaults. Tuned on UCSB (simulations/configs/ucsb.toml)."""
 
 def data_defaults(data: str | None) -> dict[str, Any]:
     """The defaults that learn on ``data``'s kind (below any --config, --set or flag)."""
-    if not data:
-        return {}
-    folder = Path(data)
-    if folder.is_dir() and ((folder / "labels.csv").is_file()
-                            or (folder / "manifest.csv").is_file()):
-        return dict(SMALL_DATA_DEFAULTS)
-    return {}
+    from common.data.sources import detect_source
+
+    try:
+        small = detect_source(data).small
+    except DataError:
+        return {}  # the data check names the problem
+    return dict(SMALL_DATA_DEFAULTS) if small else {}
 
 
 def parse_site_values(text: str) -> dict[str, float]:

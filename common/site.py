@@ -11,20 +11,20 @@ import hashlib
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from common.checks import update_bound, update_problem
 from common.config import FederationConfig
 from common.data import SiteData, load_site
 from common.errors import ConfigError, PathFedError, PrivacyBudgetExhausted
 from common.metrics import EvalCounts
 from common.models import build_model
 from common.privacy import DPPlan, SiteAccountant, plan_site
-from common.training import NDArrays, evaluate, local_train, set_weights, update_value_bound
+from common.training import NDArrays, evaluate, local_train, set_weights
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +38,9 @@ def model_kind(cfg: FederationConfig) -> str:
 
 def feature_dim(cfg: FederationConfig) -> int:
     """Instance feature size of the configured data (for building the model)."""
-    if not cfg.data:
-        from common.data.synthetic import FEATURE_DIM
+    from common.data.sources import feature_dim as source_feature_dim
 
-        return FEATURE_DIM
-    from common.data.bags import SITE_FILE, is_site_folder, load_site_file
-
-    if cfg.data.endswith(".npz"):
-        return load_site_file(cfg.data).train.dim
-    if is_site_folder(cfg.data):
-        return load_site_file(Path(cfg.data) / SITE_FILE.format(index=0)).train.dim
-    from common.data.h5 import h5_feature_dim, is_h5_folder
-
-    if is_h5_folder(cfg.data):
-        return h5_feature_dim(cfg.data)
-    from common.features import get_encoder
-
-    probe = np.full((1, cfg.patch_size, cfg.patch_size, 3), 128, dtype=np.uint8)
-    return int(get_encoder(cfg.encoder)(probe).shape[1])
+    return source_feature_dim(cfg.data, cfg.patch_size, cfg.encoder)
 
 
 def initial_model(cfg: FederationConfig) -> torch.nn.Module:
@@ -69,22 +54,6 @@ def model_kwargs(cfg: FederationConfig, in_dim: int | None = None) -> dict[str, 
     if model_kind(cfg) == "patches":
         return {"patch_size": cfg.patch_size}
     return {"in_dim": in_dim if in_dim is not None else feature_dim(cfg)}
-
-
-def secagg_clipping_range(cfg: FederationConfig) -> float:
-    """SecAgg+ clipping range: a bound on any value of a round's (weighted) update.
-
-    SecAgg+ silently clips values outside the range, so it must cover the largest update a
-    site can produce: the DP clipping norm bounds each step, the optimizer and the number
-    of steps bound the round (see :func:`common.training.update_value_bound`). The largest
-    site has ``secagg-max-weight`` slides, which bounds its number of steps.
-    """
-    if cfg.secagg_clipping_range > 0:
-        return cfg.secagg_clipping_range
-    steps = cfg.local_epochs * math.ceil(cfg.secagg_max_weight / cfg.batch_size)
-    sigma = cfg.max_noise_multiplier if cfg.dp else 0.0
-    return update_value_bound(cfg.optimizer, cfg.lr, steps, cfg.max_grad_norm, sigma,
-                              cfg.batch_size)
 
 
 def _seed(*parts: object) -> int:
@@ -308,8 +277,6 @@ class Site:
             optimizer=self.cfg.optimizer, plan=self.plan, accountant=self.accountant, seed=seed,
             max_grad_norm=self.cfg.max_grad_norm, noise=self.noise,
         )
-        from common.checks import update_bound, update_problem
-
         problem = update_problem(result.update, [tuple(w.shape) for w in weights],
                                  update_bound(self.cfg))
         if problem:
@@ -329,7 +296,7 @@ class Site:
                 can_train_next=self.can_train(),
             )
         if self.cfg.secagg:
-            limit = secagg_clipping_range(self.cfg)
+            limit = update_bound(self.cfg)
             ratio = min(1.0, result.n_samples / self.cfg.secagg_max_weight)
             clipped = int(sum((np.abs(u) * ratio > limit).sum() for u in result.update))
             if clipped:
@@ -353,5 +320,4 @@ class Site:
         return counts, metrics
 
 
-__all__ = ["PrivacyBudgetExhausted", "Site", "SiteReport", "feature_dim", "initial_model",
-           "secagg_clipping_range"]
+__all__ = ["PrivacyBudgetExhausted", "Site", "SiteReport", "feature_dim", "initial_model"]

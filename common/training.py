@@ -6,7 +6,6 @@ Plain Python over torch and Opacus: the Flower client calls these, and so do tes
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, cast
@@ -22,11 +21,6 @@ from common.privacy import DPPlan, SiteAccountant
 log = logging.getLogger(__name__)
 
 NDArrays = list[np.ndarray]
-
-# Adam moves a parameter by at most about lr * (1 - beta1) / sqrt(1 - beta2) per step
-# (3.16 lr at the defaults); we allow 4 lr.
-ADAM_STEP_BOUND = 4.0
-
 
 def get_weights(model: nn.Module) -> NDArrays:
     """Model state as a list of arrays, in ``state_dict`` order."""
@@ -51,21 +45,6 @@ class TrainResult:
     loss: float
     epsilon: float
     """Cumulative epsilon of the site after this round (0 without DP)."""
-
-
-def update_value_bound(optimizer: str, lr: float, steps: int, max_grad_norm: float,
-                       noise_multiplier: float, batch_size: int) -> float:
-    """Bound on any single coordinate of a round's update.
-
-    Used to set SecAgg+'s clipping range, which silently clips larger values. With Adam
-    the bound is deterministic. With SGD each step moves a coordinate by at most
-    ``lr * C`` (clipped gradients) plus Gaussian noise ``lr * sigma * C / B``; we allow
-    six standard deviations of the noise summed over the round.
-    """
-    if optimizer == "adam":
-        return ADAM_STEP_BOUND * lr * steps
-    noise = 6.0 * lr * noise_multiplier * max_grad_norm * math.sqrt(steps) / batch_size
-    return lr * max_grad_norm * steps + noise
 
 
 def _mean_loss(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
@@ -131,7 +110,7 @@ def local_train(
     accountant) records every step. ``seed`` makes sampling and noise reproducible
     (simulations); ``None`` draws them from the OS. Without DP, ``max_grad_norm`` clips
     each batch's gradient, so that every site's update obeys
-    :func:`update_value_bound` (the bound the server checks). ``noise`` names where DP
+    :func:`common.checks.update_value_bound` (the bound the server checks). ``noise`` names where DP
     noise comes from: ``"csprng"`` draws it from ChaCha20 keyed by the OS
     (:func:`common.privacy.use_csprng_noise`), otherwise from ``generator``.
     """

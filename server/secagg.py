@@ -23,6 +23,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
+from common.checks import update_bound
 from common.config import FederationConfig
 from common.crypto import (
     MASK_GENERATOR,
@@ -30,7 +31,6 @@ from common.crypto import (
     mask_round,
     use_stock_masks,
 )
-from common.site import secagg_clipping_range
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def make_secagg_workflow(cfg: FederationConfig) -> HardenedSecAggPlusWorkflow:
     """SecAgg+ with its ranges set deliberately from the DP and training settings."""
     shares = cfg.secagg_num_shares
     threshold = cfg.secagg_threshold
-    clipping = secagg_clipping_range(cfg)
+    clipping = update_bound(cfg)
     step = 2 * clipping / cfg.secagg_quantization_range
     log.info(
         "SecAgg+: clipping range +/-%.4g (bound on one round's update), quantisation step "

@@ -185,3 +185,43 @@ def test_threshold_calibrated_from_histograms_matches_brute_force() -> None:
     best = max(at(t) for t in np.unique(logits))
     assert balanced >= best - 0.02 and balanced > counts.balanced_accuracy + 0.1
     assert np.isnan(EvalCounts.from_predictions(logits, np.ones(400), 0.0).calibrated()[1])
+
+
+def test_one_detection_names_every_kind_of_data(tmp_path: Path) -> None:
+    from common.data.sources import detect_source
+
+    assert detect_source("").kind == "synthetic"
+    save_site_file(synthetic_site(0, n_bags=10), tmp_path / "sites" / "site-0.npz")
+    assert detect_source(tmp_path / "sites").kind == "site-folder"
+    assert detect_source(tmp_path / "sites" / "site-0.npz").kind == "site-file"
+    (tmp_path / "feats").mkdir()
+    (tmp_path / "feats" / "manifest.csv").write_text("slide,status\n")
+    assert detect_source(tmp_path / "feats").kind == "features"
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "labels.csv").write_text("image,label\n")
+    assert detect_source(tmp_path / "images").kind == "images"
+    assert detect_source(tmp_path / "images").small
+    (tmp_path / "empty").mkdir()
+    for bad, says in ((tmp_path / "nope", "not found"), (tmp_path / "empty", "holds no"),
+                      (tmp_path / "x.npz", "not found"), (tmp_path / "images" / "labels.csv",
+                                                           "not a data folder")):
+        with pytest.raises(DataError, match=says) as err:
+            detect_source(bad)
+        assert str(bad) in str(err.value)
+
+
+def test_data_modules_do_not_import_each_other() -> None:
+    """bags, labels and featurefile are leaves; each kind's reader imports only them;
+    only sources dispatches over the kinds."""
+    import ast
+
+    folder = Path(__file__).parent.parent / "common" / "data"
+    leaves = {"bags", "labels", "featurefile"}
+    for path in folder.glob("*.py"):
+        imported = {node.module.rsplit(".", 1)[-1] for node in ast.walk(ast.parse(
+            path.read_text())) if isinstance(node, ast.ImportFrom) and node.module
+            and node.module.startswith("common.data.")}
+        if path.stem in leaves:
+            assert not imported, (path.name, imported)
+        elif path.stem not in ("sources", "__init__"):
+            assert imported <= leaves, (path.name, imported)

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from client.deploy import start_site
+from common.checks import update_bound
 from common.config import FederationConfig
 from common.crypto.consortium import enroll_site, init_consortium
 from common.crypto.sealed import load_key
@@ -36,7 +37,7 @@ from common.deployment import free_port, stop_process
 from common.errors import DataError
 from common.privacy import independent_epsilon
 from common.runs import load_checkpoint, read_metrics
-from common.site import Site, secagg_clipping_range
+from common.site import Site
 from server.deploy import run_command, start_server
 
 pytestmark = pytest.mark.slow
@@ -337,7 +338,7 @@ def test_round_two_aggregate_is_the_survivors_weighted_average(scenario: dict[st
         weights.append(report.n_samples)
     expected = {k: before[k] + sum(w * u[i] for w, u in zip(weights, updates)) / sum(weights)
                 for i, k in enumerate(names)}
-    step = 2 * secagg_clipping_range(cfg) / cfg.secagg_quantization_range
+    step = 2 * update_bound(cfg) / cfg.secagg_quantization_range
     tolerance = 2 * step / (sum(weights) / cfg.secagg_max_weight) + 1e-5
     worst = max(float(np.abs(after[k] - expected[k]).max()) for k in names)
     assert worst <= tolerance, (worst, tolerance)

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from common.checks import update_bound
 from common.config import FederationConfig
 from common.privacy import independent_epsilon
 from common.runs import load_checkpoint, read_metrics
-from common.site import secagg_clipping_range
 from simulations.simulate import simulate
 
 pytestmark = pytest.mark.slow
@@ -49,7 +49,7 @@ def _max_diff_and_tolerance(cfg: FederationConfig, plain_cfg: FederationConfig,
     name = f"round-{rnd:03d}.npz"
     masked = load_checkpoint(Path(cfg.out) / "checkpoints" / name)
     plain = load_checkpoint(Path(plain_cfg.out) / "checkpoints" / name)
-    step = 2 * secagg_clipping_range(cfg) / cfg.secagg_quantization_range
+    step = 2 * update_bound(cfg) / cfg.secagg_quantization_range
     trained = [r for r in _records(cfg) if r["round"] == rnd and r.get("trained")]
     total_weight = sum(r["n_train"] for r in trained) / cfg.secagg_max_weight
     worst = max(float(np.abs(masked[k] - plain[k]).max()) for k in masked)

@@ -6,7 +6,6 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -229,55 +228,3 @@ def load_site_file(path: str | Path) -> SiteData:
         raise DataError(
             f"{path}: not a PathFed site file ({err}); re-create it with `pathfed simulate`"
         ) from None
-
-
-SITE_FILE = "site-{index}.npz"
-
-
-def is_site_folder(data: str | Path) -> bool:
-    """A folder of site files ``site-0.npz``, ``site-1.npz``, ...: one per simulated hospital."""
-    return Path(data).is_dir() and (Path(data) / SITE_FILE.format(index=0)).is_file()
-
-
-def site_folder_file(folder: str | Path, index: int, n_sites: int) -> Path:
-    """Site ``index``'s file in a folder of site files, checking the folder has ``n_sites``."""
-    folder = Path(folder)
-    present = sorted(folder.glob("site-*.npz"))
-    if len(present) != n_sites:
-        raise DataError(f"{folder}: holds {len(present)} site files (site-N.npz) but the "
-                        f"federation has {n_sites} sites; set sites = {len(present)}")
-    return folder / SITE_FILE.format(index=index)
-
-
-@lru_cache(maxsize=8)
-def load_site(
-    index: int, n_sites: int, data: str, seed: int, val_fraction: float,
-    synthetic_bags: int = 300, patch_size: int = 32, encoder: str = "color-texture",
-) -> SiteData:
-    """Return site ``index`` of ``n_sites``: the one front door to a site's bags.
-
-    ``data`` is empty (the embedded synthetic default), a site file (``.npz``), a folder of
-    site files (``site-0.npz``, ...; site ``index`` takes its own), a folder of labelled
-    images (``labels.csv``) that is split into hospitals by ``tma_group``, or a folder of
-    slide features written by ``pathfed prepare`` (``manifest.csv``).
-    An empty ``encoder`` keeps image patches themselves (for patch models).
-    Results are cached per process, so a simulated site embeds its images once.
-    """
-    if data and data.endswith(".npz"):
-        return load_site_file(data)
-    if not data:
-        from common.data.synthetic import synthetic_site
-
-        return synthetic_site(index, seed=seed, n_bags=synthetic_bags, val_fraction=val_fraction)
-    if is_site_folder(data):
-        return load_site_file(site_folder_file(data, index, n_sites))
-    from common.data.h5 import h5_folder_site, is_h5_folder
-
-    if is_h5_folder(data):  # features prepared by `pathfed prepare`
-        return h5_folder_site(data, index, n_sites, seed=seed, val_fraction=val_fraction)
-    from common.data.images import image_folder_site
-
-    return image_folder_site(
-        Path(data), index, n_sites, seed=seed, val_fraction=val_fraction,
-        patch_size=patch_size, encoder=encoder or None,
-    )

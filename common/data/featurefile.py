@@ -24,6 +24,8 @@ import numpy as np
 
 from common.errors import DataError
 
+MANIFEST = "manifest.csv"
+"""The per-slide status table of a folder written by ``pathfed prepare``."""
 FEATURES = "features"
 COORDS = "coords"
 TISSUE = "tissue_fraction"

@@ -15,15 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from common.data.bags import SiteData, split_bags
-from common.data.featurefile import feature_dim, read_features
-from common.data.images import LabelledImage, assign_sites
-from common.data.labels import read_label_rows
+from common.data.featurefile import MANIFEST, feature_dim, read_features
+from common.data.labels import LABELS, assign_sites, read_label_rows
 from common.errors import DataError
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.csv"
-LABELS = "labels.csv"
 
 
 @dataclass(frozen=True)
@@ -38,9 +35,10 @@ class H5Bags:
     paths: list[Path]
 
 
-def is_h5_folder(data: str | Path) -> bool:
-    """True if ``data`` is a folder written by ``pathfed prepare`` (it has a manifest)."""
-    return Path(data).is_dir() and (Path(data) / MANIFEST).is_file()
+@dataclass(frozen=True)
+class _Slide:
+    index: int
+    group: str
 
 
 def load_h5_bags(folder: str | Path, labels_csv: str | Path | None = None) -> H5Bags:
@@ -119,11 +117,9 @@ def h5_folder_site(folder: str | Path, index: int, n_sites: int, seed: int = 0,
                    val_fraction: float = 0.3) -> SiteData:
     """Site ``index`` of a prepared folder split into ``n_sites`` hospitals by group."""
     data = load_h5_bags(folder)
-    items = [LabelledImage(path, int(label), group)
-             for path, label, group in zip(data.paths, data.labels, data.groups)]
-    by_path = {item.path: i for i, item in enumerate(items)}
+    items = [_Slide(i, group) for i, group in enumerate(data.groups)]
     chosen = items if n_sites == 1 else assign_sites(items, n_sites)[index]
-    idx = [by_path[item.path] for item in chosen]
+    idx = [item.index for item in chosen]
     if not idx:
         raise DataError(f"{folder}: site-{index} has no slide with features")
     patients = [data.patients[i] for i in idx]

@@ -17,13 +17,15 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from common.data.bags import SiteData, split_bags
-from common.data.labels import read_label_rows
+from common.data.labels import LABELS as LABELS_FILE
+from common.data.labels import assign_sites, read_label_rows
 from common.errors import DataError, SlideReadError
 from common.features import get_encoder
 
 log = logging.getLogger(__name__)
 
-LABELS_FILE = "labels.csv"
+__all__ = ["LabelledImage", "assign_sites", "embed_images", "image_folder_site", "read_image",
+           "read_labels", "tissue_patches"]
 WHITE_LEVEL = 200
 MAX_WHITE_FRACTION = 0.75
 
@@ -47,22 +49,6 @@ def read_labels(folder: Path) -> list[LabelledImage]:
     rows = read_label_rows(folder / LABELS_FILE, ("image",))
     return [LabelledImage(folder / r.name, r.label, r.group, r.patient,
                           folder / r.mask if r.mask else None) for r in rows]
-
-
-def assign_sites(items: list[LabelledImage], n_sites: int) -> list[list[LabelledImage]]:
-    """Whole groups to sites, largest group first to the emptiest site (deterministic)."""
-    groups: dict[str, list[LabelledImage]] = {}
-    for item in items:
-        groups.setdefault(item.group, []).append(item)
-    if n_sites > len(groups):
-        raise DataError(
-            f"{n_sites} sites asked for but the data has only {len(groups)} tma_group "
-            f"values; use --sites {len(groups)} or fewer"
-        )
-    sites: list[list[LabelledImage]] = [[] for _ in range(n_sites)]
-    for group in sorted(groups, key=lambda g: (-len(groups[g]), g)):
-        min(sites, key=len).extend(groups[group])
-    return sites
 
 
 def read_image(path: Path) -> np.ndarray:

@@ -12,8 +12,12 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Protocol, TypeVar
 
 from common.errors import DataError
+
+LABELS = "labels.csv"
+"""The labels file of an image folder or a feature folder."""
 
 POSITIVE = {"1", "malignant", "positive", "tumor", "tumour", "cancer", "true"}
 NEGATIVE = {"0", "benign", "negative", "normal", "false"}
@@ -105,4 +109,31 @@ def read_label_rows(path: Path, names: tuple[str, ...] = ("image",)) -> list[Lab
     return rows
 
 
-__all__ = ["NEGATIVE", "POSITIVE", "LabelRow", "parse_label", "read_label_rows"]
+class Grouped(Protocol):
+    @property
+    def group(self) -> str: ...
+
+
+G = TypeVar("G", bound=Grouped)
+
+
+def assign_sites(items: list[G], n_sites: int) -> list[list[G]]:
+    """Whole groups (``tma_group``/``site``) to sites, largest group first to the emptiest
+    site (deterministic): images of one group share staining and scanning, so a group never
+    spans two hospitals."""
+    groups: dict[str, list[G]] = {}
+    for item in items:
+        groups.setdefault(item.group, []).append(item)
+    if n_sites > len(groups):
+        raise DataError(
+            f"{n_sites} sites asked for but the data has only {len(groups)} tma_group "
+            f"values; use --sites {len(groups)} or fewer"
+        )
+    sites: list[list[G]] = [[] for _ in range(n_sites)]
+    for group in sorted(groups, key=lambda g: (-len(groups[g]), g)):
+        min(sites, key=len).extend(groups[group])
+    return sites
+
+
+__all__ = ["LABELS", "NEGATIVE", "POSITIVE", "LabelRow", "assign_sites", "parse_label",
+           "read_label_rows"]

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from common.data.featurefile import MANIFEST
+from common.data.labels import LABELS
 from common.errors import DataError, PathFedError
 from common.features import Encoder, build_encoder
 from common.wsi.reader import SLIDE_SUFFIXES, SlideReader, open_slide
@@ -37,8 +39,6 @@ from common.wsi.tiling import PatchGrid, quality_flags, tile_tissue
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.csv"
-LABELS = "labels.csv"
 MANIFEST_COLUMNS = ("slide", "status", "reason", "n_patches", "seconds", "h5", "settings")
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
 

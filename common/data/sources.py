@@ -1,0 +1,191 @@
+"""Where a site's bags come from: the one place that tells the kinds of data apart.
+
+:func:`detect_source` looks at ``data`` once and names its kind; everything else
+(:func:`load_site`, :func:`feature_dim`, :func:`check_source`, the per-kind defaults of
+:func:`common.config.data_defaults`) dispatches on that kind. Detecting needs no torch and
+no reading of images, so a wrong path fails in well under a second.
+
+===============  ==============================================================
+kind             what ``data`` is
+===============  ==============================================================
+``synthetic``    empty: the embedded synthetic bags (:mod:`common.data.synthetic`)
+``site-file``    one site file ``*.npz`` (:func:`common.data.bags.save_site_file`)
+``site-folder``  a folder of site files ``site-0.npz``, ``site-1.npz``, ...
+``features``     a folder written by ``pathfed prepare`` (``manifest.csv``, ``*.h5``)
+``images``       a folder of labelled images (``labels.csv``), embedded on the fly
+===============  ==============================================================
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from common.data.bags import SiteData, load_site_file
+from common.data.featurefile import MANIFEST
+from common.data.labels import LABELS
+from common.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SourceKind = Literal["synthetic", "site-file", "site-folder", "features", "images"]
+
+SITE_FILE = "site-{index}.npz"
+
+WHAT_DATA_IS = ("a folder of labelled images (labels.csv), a folder written by `pathfed "
+                "prepare` (manifest.csv), a site file (.npz) or a folder of them (site-0.npz, "
+                "...); leave --data out for the embedded synthetic bags")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """The kind of a site's data and where it lies."""
+
+    kind: SourceKind
+    path: Path | None = None
+
+    @property
+    def small(self) -> bool:
+        """Real slides, tens per site (it takes the small-data training defaults)."""
+        return self.kind in ("features", "images")
+
+    def describe(self) -> str:
+        return {"synthetic": "the embedded synthetic bags",
+                "site-file": f"site file {self.path}",
+                "site-folder": f"site files in {self.path}",
+                "features": f"prepared slide features in {self.path}",
+                "images": f"labelled images in {self.path}"}[self.kind]
+
+
+def detect_source(data: str | Path | None) -> DataSource:
+    """The kind of ``data``; :class:`DataError` naming the path when it is none of them."""
+    if not data:
+        return DataSource("synthetic")
+    path = Path(data)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise DataError(f"{path}: site data file not found")
+        return DataSource("site-file", path)
+    if not path.exists():
+        raise DataError(f"{path}: data folder not found; give {WHAT_DATA_IS}")
+    if not path.is_dir():
+        raise DataError(f"{path}: not a data folder; give {WHAT_DATA_IS}")
+    if (path / SITE_FILE.format(index=0)).is_file():
+        return DataSource("site-folder", path)
+    if (path / MANIFEST).is_file():
+        return DataSource("features", path)
+    if (path / LABELS).is_file():
+        return DataSource("images", path)
+    raise DataError(f"{path}: holds no {LABELS}, {MANIFEST} or site-0.npz; give {WHAT_DATA_IS}")
+
+
+def site_folder_file(folder: Path, index: int, n_sites: int) -> Path:
+    """Site ``index``'s file in a folder of site files, checking the folder has ``n_sites``."""
+    present = sorted(folder.glob("site-*.npz"))
+    if len(present) != n_sites:
+        raise DataError(f"{folder}: holds {len(present)} site files (site-N.npz) but the "
+                        f"federation has {n_sites} sites; set sites = {len(present)}")
+    return folder / SITE_FILE.format(index=index)
+
+
+@lru_cache(maxsize=8)
+def load_site(
+    index: int, n_sites: int, data: str, seed: int, val_fraction: float,
+    synthetic_bags: int = 300, patch_size: int = 32, encoder: str = "color-texture",
+) -> SiteData:
+    """Return site ``index`` of ``n_sites``: the one front door to a site's bags.
+
+    A folder of site files gives site ``index`` its own file; image and feature folders
+    are split into hospitals by whole ``tma_group`` values. An empty ``encoder`` keeps
+    image patches themselves (for patch models). Results are cached per process, so a
+    simulated site embeds its images once.
+    """
+    source = detect_source(data)
+    if source.kind == "synthetic":
+        from common.data.synthetic import synthetic_site
+
+        return synthetic_site(index, seed=seed, n_bags=synthetic_bags, val_fraction=val_fraction)
+    assert source.path is not None
+    if source.kind == "site-file":
+        return load_site_file(source.path)
+    if source.kind == "site-folder":
+        return load_site_file(site_folder_file(source.path, index, n_sites))
+    if source.kind == "features":
+        from common.data.h5 import h5_folder_site
+
+        return h5_folder_site(source.path, index, n_sites, seed=seed, val_fraction=val_fraction)
+    from common.data.images import image_folder_site
+
+    return image_folder_site(source.path, index, n_sites, seed=seed, val_fraction=val_fraction,
+                             patch_size=patch_size, encoder=encoder or None)
+
+
+def feature_dim(data: str | None, patch_size: int, encoder: str) -> int:
+    """Instance feature size of ``data`` (to build a bag model), without loading every bag."""
+    source = detect_source(data)
+    if source.kind == "synthetic":
+        from common.data.synthetic import FEATURE_DIM
+
+        return FEATURE_DIM
+    assert source.path is not None
+    if source.kind == "site-file":
+        return load_site_file(source.path).train.dim
+    if source.kind == "site-folder":
+        return load_site_file(source.path / SITE_FILE.format(index=0)).train.dim
+    if source.kind == "features":
+        from common.data.h5 import h5_feature_dim
+
+        return h5_feature_dim(source.path)
+    from common.features import get_encoder
+
+    probe = np.full((1, patch_size, patch_size, 3), 128, dtype=np.uint8)
+    return int(get_encoder(encoder)(probe).shape[1])
+
+
+def check_source(data: str | None, n_sites: int) -> DataSource:
+    """Fail before any work if ``data`` cannot give each of ``n_sites`` sites something.
+
+    Feature folders have every file read once; image folders every image opened. An
+    unreadable image is a warning (the run goes on without it) unless it leaves a site
+    with fewer than two.
+    """
+    source = detect_source(data)
+    if source.kind == "features":
+        from common.data.h5 import load_h5_bags
+
+        assert source.path is not None
+        load_h5_bags(source.path)
+    elif source.kind == "images":
+        from common.data.images import read_image, read_labels
+        from common.data.labels import assign_sites
+
+        assert source.path is not None
+        unreadable = 0
+        for index, items in enumerate(assign_sites(read_labels(source.path), n_sites)):
+            readable = 0
+            for item in items:
+                try:
+                    read_image(item.path)
+                    readable += 1
+                except DataError as err:
+                    unreadable += 1
+                    log.warning("%s; it will be skipped", err)
+            if readable < 2:
+                raise DataError(f"{source.path}: site-{index} has {readable} readable "
+                                "image(s); it needs two at least (fix the images or use "
+                                "fewer --sites)")
+        if unreadable:
+            log.warning("%d image(s) unreadable; the run goes on without them", unreadable)
+    elif source.kind == "site-folder":
+        assert source.path is not None
+        site_folder_file(source.path, 0, n_sites)
+    return source
+
+
+__all__ = ["DataSource", "SourceKind", "check_source", "detect_source", "feature_dim",
+           "load_site", "site_folder_file"]
