@@ -21,11 +21,12 @@ from benchmarks._slides import slide_folder
 
 
 def _null_encoder() -> None:
-    from common.features import ENCODERS, FunctionEncoder
+    from common.features import ENCODERS, FunctionEncoder, register_encoder
 
     if "null" not in ENCODERS:  # isolates the pipeline from feature computation
-        ENCODERS["null"] = lambda weights: FunctionEncoder(
-            "null", lambda p: np.zeros((len(p), 1), np.float32), 1)
+        register_encoder("null", lambda weights: FunctionEncoder(
+            "null", lambda p: np.zeros((len(p), 1), np.float32), 1), "zeros (benchmark)",
+            weights="none", dim=1, normalisation=None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,14 +17,13 @@ def add_parser(sub: Any) -> None:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from common.features import ENCODERS
+    from common.features import ENCODERS, TIMM
     from common.models import MODELS
 
     models = {name: {"kind": spec.kind, "summary": spec.summary, "options": spec.options}
               for name, spec in sorted(MODELS.items())}
-    encoders = {name: ((builder.__doc__ or "").strip().splitlines() or [""])[0]
-                for name, builder in sorted(ENCODERS.items())}
-    encoders["timm:ARCH"] = "any timm architecture (needs timm and torchvision)"
+    encoders = {name: spec.describe() for name, spec in sorted(ENCODERS.items())}
+    encoders["timm:ARCH"] = TIMM.describe()
     if args.json:
         print(json.dumps({"models": models, "encoders": encoders}, indent=2))
         return 0
@@ -33,6 +32,11 @@ def _cmd_models(args: argparse.Namespace) -> int:
         options = ", ".join(f"{k}={v}" for k, v in m["options"].items()) or "-"
         print(f"  {name:<22} {m['kind']:<8} {m['summary']}  [options: {options}]")
     print("encoders (pathfed prepare --encoder NAME, --set encoder=NAME):")
-    for name, text in encoders.items():
-        print(f"  {name:<22} {text}")
+    for name, e in encoders.items():
+        norm = "ImageNet mean/std" if e["normalisation"] else "raw pixels"
+        size = {"any": "any patch size", "weights": "patch size of its weights"}.get(
+            str(e["input_size"]), f"{e['input_size']} px")
+        dim = f"{e['dim']}-d" if e["dim"] else "size from weights"
+        print(f"  {name:<22} {e['summary']}\n  {'':<22} [weights: {e['weights']}; {dim}; "
+              f"{size}; {norm}]")
     return 0

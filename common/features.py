@@ -1,9 +1,12 @@
 """Patch encoders: image patches ``uint8[n, P, P, 3]`` to features ``float32[n, D]``.
 
-A registry maps names to encoder builders; :func:`build_encoder` returns an
+One registry, :data:`ENCODERS`, used by ``pathfed prepare``, ``simulate`` on image
+folders and ``pathfed models``: each entry is an :class:`EncoderSpec` that declares what
+the encoder needs (a weights file: none, optional or required), its feature size, the
+patch size it expects and how it normalises pixels. :func:`build_encoder` returns an
 :class:`Encoder` with a ``name``, a feature size ``dim`` and a ``weights_hash`` (sha256 of
 the weights file, or ``"none"``) that feature files record, so features from different
-weights are never mixed.
+weights are never mixed; the built encoder must match its declaration.
 
 - ``color-texture``: fixed, data-independent hand-crafted statistics (colour, stain,
   texture); it needs no weights, so the project runs where nothing can be downloaded.
@@ -21,8 +24,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -71,6 +75,10 @@ class Encoder(Protocol):
     name: str
     dim: int
     weights_hash: str
+    input_size: int | None
+    """The patch side in pixels it takes; None for any size."""
+    normalisation: Normalisation | None
+    """Fixed per-channel (mean, std) on [0, 1] pixels; None for raw ``uint8`` input."""
 
     def __call__(self, patches: np.ndarray) -> np.ndarray: ...
 
@@ -80,6 +88,8 @@ class FunctionEncoder:
 
     def __init__(self, name: str, fn: Callable[[np.ndarray], np.ndarray], dim: int) -> None:
         self.name, self.fn, self.dim, self.weights_hash = name, fn, dim, "none"
+        self.input_size: int | None = None
+        self.normalisation: Normalisation | None = None
 
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         if len(patches) == 0:
@@ -90,8 +100,10 @@ class FunctionEncoder:
         return f"FunctionEncoder({self.name!r}, dim={self.dim})"
 
 
+Normalisation = tuple[tuple[float, float, float], tuple[float, float, float]]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET: Normalisation = (IMAGENET_MEAN, IMAGENET_STD)
 
 
 class TorchEncoder:
@@ -104,20 +116,21 @@ class TorchEncoder:
     def __init__(
         self, module: nn.Module, name: str, weights_hash: str = "none", *,
         embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
-        batch_size: int = 64, device: str = "cpu", probe_size: int = 64,
+        normalisation: Normalisation = IMAGENET, input_size: int | None = None,
+        batch_size: int = 64, device: str = "cpu",
     ) -> None:
         import torch
 
         self.module = module.eval()
         self.name, self.weights_hash, self.batch_size = name, weights_hash, batch_size
+        self.input_size = input_size
+        self.normalisation: Normalisation | None = normalisation
         self._embed = embed or self.module
-        self._mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self._std = torch.tensor(std).view(1, 3, 1, 1)
+        self._mean = torch.tensor(normalisation[0]).view(1, 3, 1, 1)
+        self._std = torch.tensor(normalisation[1]).view(1, 3, 1, 1)
         self.to(device)
-        probe = np.zeros((1, probe_size, probe_size, 3), dtype=np.uint8)
-        self.dim = int(self._forward(probe).shape[1])
+        side = input_size or 64
+        self.dim = int(self._forward(np.zeros((1, side, side, 3), dtype=np.uint8)).shape[1])
 
     def to(self, device: str) -> TorchEncoder:
         """Run the encoder on ``device`` (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
@@ -140,6 +153,10 @@ class TorchEncoder:
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         if patches.ndim != 4 or patches.shape[-1] != 3:
             raise ValueError(f"expected patches uint8[n, P, P, 3], got {list(patches.shape)}")
+        if self.input_size and patches.shape[1:3] != (self.input_size, self.input_size):
+            raise ConfigError(f"encoder {self.name!r} takes {self.input_size}-px patches, got "
+                              f"{patches.shape[2]}x{patches.shape[1]} px; use --patch-size "
+                              f"{self.input_size} (or weights trained at this size)")
         if len(patches) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         parts = [self._forward(patches[i:i + self.batch_size])
@@ -211,9 +228,6 @@ def _resnet_tiny(weights: str | Path | None) -> Encoder:
 
 def _color_texture(weights: str | Path | None) -> Encoder:
     """21 hand-made colour, stain (HED) and texture statistics per patch; no weights."""
-    if weights:
-        raise ConfigError("encoder 'color-texture' takes no weights file; drop --weights or "
-                          "choose a learned encoder such as 'resnet-tiny'")
     return FunctionEncoder("color-texture", color_texture, dim=21)
 
 
@@ -237,17 +251,61 @@ def _timm(arch: str, weights: str | Path | None) -> Encoder:
 EncoderBuilder = Callable[[str | Path | None], Encoder]
 """Builds an encoder from an optional local weights file."""
 
-ENCODERS: dict[str, EncoderBuilder] = {
-    "color-texture": _color_texture,
-    "resnet-tiny": _resnet_tiny,
+Weights = Literal["none", "optional", "required"]
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A registry entry: how an encoder is built and what it declares.
+
+    The built encoder must agree with the declaration (:func:`build_encoder` checks), so
+    ``pathfed models`` and the feature files say what really ran.
+    """
+
+    builder: EncoderBuilder
+    summary: str
+    weights: Weights = "optional"
+    """Whether a local weights file is taken: never, optionally (else a fixed random
+    initialisation) or always."""
+    dim: int | None = None
+    """Feature size; None when the weights or the architecture decide it."""
+    input_size: int | Literal["any", "weights"] = "any"
+    """Patch side in pixels, ``"any"`` (global pooling), or ``"weights"``: the size the
+    weights were trained at (a fixed default without weights)."""
+    normalisation: Normalisation | None = IMAGENET
+    """Fixed (mean, std) per channel on [0, 1] pixels; None for raw ``uint8`` patches."""
+
+    def describe(self) -> dict[str, Any]:
+        """The declaration as plain values (``pathfed models --json``)."""
+        norm = self.normalisation
+        return {"summary": self.summary, "weights": self.weights, "dim": self.dim,
+                "input_size": self.input_size,
+                "normalisation": None if norm is None else {"mean": list(norm[0]),
+                                                            "std": list(norm[1])}}
+
+
+ENCODERS: dict[str, EncoderSpec] = {
+    "color-texture": EncoderSpec(_color_texture, "21 colour, stain (HED) and texture "
+                                 "statistics per patch; no weights", weights="none", dim=21,
+                                 normalisation=None),
+    "resnet-tiny": EncoderSpec(_resnet_tiny, "a small GroupNorm ResNet (1.2 M parameters), "
+                               "fixed random init or local weights", dim=256),
 }
+TIMM = EncoderSpec(lambda weights: _timm("ARCH", weights), "any timm architecture "
+                   "(timm:ARCH; needs timm and torchvision), local weights")
+"""The declaration shared by every ``timm:ARCH`` encoder."""
 
 
-def register_encoder(name: str, builder: EncoderBuilder) -> None:
-    """Add an encoder builder to the registry under ``name``."""
+def register_encoder(name: str, builder: EncoderBuilder | EncoderSpec,
+                     summary: str = "", **declared: Any) -> None:
+    """Add an encoder to the registry under ``name`` (a spec, or a builder plus the
+    :class:`EncoderSpec` fields it declares)."""
     if name in ENCODERS:
         raise ValueError(f"encoder {name!r} is already registered")
-    ENCODERS[name] = builder
+    spec = builder if isinstance(builder, EncoderSpec) else EncoderSpec(
+        builder, summary or ((builder.__doc__ or "").strip().splitlines() or [name])[0],
+        **declared)
+    ENCODERS[name] = spec
 
 
 def register_model_encoder(name: str, model: str, method: str = "embed",
@@ -268,7 +326,7 @@ def register_model_encoder(name: str, model: str, method: str = "embed",
             raise ConfigError(f"model {model!r} has no {method!r} method to embed patches with")
         return TorchEncoder(module, name, digest, embed=embed)
 
-    register_encoder(name, builder)
+    register_encoder(name, builder, f"model {model!r} through its {method!r} method")
 
 
 def build_encoder(name: str, weights: str | Path | None = None) -> Encoder:
@@ -280,15 +338,47 @@ def build_encoder(name: str, weights: str | Path | None = None) -> Encoder:
         ConfigError: weights given to an encoder that takes none.
     """
     if name.startswith("timm:"):
-        return _timm(name.removeprefix("timm:"), weights)
+        spec, encoder = TIMM, _timm(name.removeprefix("timm:"), weights)
+    else:
+        spec = encoder_spec(name)
+        if spec.weights == "none" and weights:
+            raise ConfigError(f"encoder {name!r} takes no weights file; drop --weights or "
+                              "choose a learned encoder such as 'resnet-tiny'")
+        if spec.weights == "required" and not weights:
+            raise ConfigError(f"encoder {name!r} needs a local weights file (--weights FILE, "
+                              "or --set encoder-weights=FILE); nothing is downloaded")
+        encoder = spec.builder(weights)
+    _check_declared(name, spec, encoder)
+    return encoder
+
+
+def encoder_spec(name: str) -> EncoderSpec:
+    """The declaration of ``name``; :class:`UnknownModelError` lists the known ones."""
+    if name.startswith("timm:"):
+        return TIMM
     try:
-        builder = ENCODERS[name]
+        return ENCODERS[name]
     except KeyError:
         raise UnknownModelError(
             f"unknown encoder {name!r}; known encoders: {', '.join(sorted(ENCODERS))}, "
             "or timm:ARCH"
         ) from None
-    return builder(weights)
+
+
+def _check_declared(name: str, spec: EncoderSpec, encoder: Encoder) -> None:
+    """An encoder that contradicts its registry entry is a bug in the entry: say which."""
+    wrong = [f"dim {encoder.dim} (declared {spec.dim})"] if spec.dim not in (
+        None, encoder.dim) else []
+    size = {"any": None}.get(str(spec.input_size), spec.input_size)
+    if (encoder.input_size is None) != (size is None) or (
+            isinstance(size, int) and encoder.input_size != size):
+        wrong.append(f"input_size {encoder.input_size} (declared {spec.input_size})")
+    norm = getattr(encoder, "normalisation", None)
+    if tuple(map(tuple, norm or ())) != tuple(map(tuple, spec.normalisation or ())):
+        wrong.append(f"normalisation {norm} (declared {spec.normalisation})")
+    if wrong:
+        raise ConfigError(f"encoder {name!r} does not match its registry entry: "
+                          f"{', '.join(wrong)}")
 
 
 def get_encoder(name: str) -> Encoder:
@@ -321,7 +411,8 @@ def _patch_cnn(weights: str | Path | None) -> Encoder:
     module = build_model("residual-patch-cnn", patch_size=patch_size)
     digest = load_weights(module, weights, "patch-cnn") if weights else "none"
     return TorchEncoder(module, "patch-cnn", digest, embed=module.embed,  # type: ignore[arg-type]
-                        probe_size=patch_size)
+                        input_size=patch_size)
 
 
-register_encoder("patch-cnn", _patch_cnn)
+register_encoder("patch-cnn", _patch_cnn, "the seed's residual patch CNN (e.g. trained in "
+                 "federation; 32 px without weights)", dim=128, input_size="weights")

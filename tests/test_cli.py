@@ -164,6 +164,10 @@ def test_models_lists_every_model_with_its_kind() -> None:
     assert r.returncode == 0 and set(listed["models"]) == set(MODELS)
     assert {m["kind"] for m in listed["models"].values()} == {"bags", "patches"}
     assert {"color-texture", "resnet-tiny", "patch-cnn"} <= set(listed["encoders"])
+    assert listed["encoders"]["color-texture"] == {
+        "summary": listed["encoders"]["color-texture"]["summary"], "weights": "none",
+        "dim": 21, "input_size": "any", "normalisation": None}
+    assert listed["encoders"]["resnet-tiny"]["normalisation"]["mean"] == [0.485, 0.456, 0.406]
 
 
 @pytest.mark.slow

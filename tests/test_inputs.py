@@ -270,17 +270,3 @@ def test_an_image_smaller_than_the_patch_says_so(tmp_path: Path) -> None:
     assert "smaller than one 64 px patch" in reason and "--patch-size" in reason
     assert "tissue-threshold" not in reason
 
-
-@pytest.mark.slow
-def test_a_wrong_data_path_fails_in_under_a_second_without_torch(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-    import time
-
-    code = ("import sys\nfrom cli import main\ncode = main(['simulate', '--data', sys.argv[1]])\n"
-            "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(code)")
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "nowhere")],
-                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
-    assert done.returncode == 2 and "data folder not found" in done.stderr, done.stderr
-    assert time.perf_counter() - start < 5  # the process itself; detection is instant

@@ -14,9 +14,10 @@ from PIL import Image
 from scipy import ndimage
 
 from common.errors import DataError, SlideReadError, UnknownModelError
-from common.features import build_encoder, get_encoder
+from common.features import ENCODERS, build_encoder, get_encoder
 from common.wsi import ArrayReader, open_slide, tile_tissue, tissue_mask
-from common.wsi.extract import prepare, read_manifest
+from common.wsi.extract import prepare
+from common.wsi.manifest import read_manifest
 from common.wsi.stain import (
     HED_FROM_RGB,
     RGB_FROM_HED,
@@ -371,3 +372,39 @@ def test_prepare_plain_images_blank_and_duplicate_names(tmp_path: Path) -> None:
     assert summary.counts == {"done": 1, "skipped": 0, "failed": 2}
     with h5py.File(out / "a.h5") as h5:
         assert h5.attrs["slide_mpp_source"] == "user-default"
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_every_encoder_matches_its_declaration(name: str) -> None:
+    """Built without weights (none required here), each encoder is what its entry says:
+    build_encoder raises on a contradiction; the declaration is what `pathfed models` shows."""
+
+    spec = ENCODERS[name]
+    assert spec.weights != "required"  # nothing here can be downloaded: every entry builds
+    encoder = build_encoder(name)
+    side = spec.input_size if isinstance(spec.input_size, int) else (encoder.input_size or 48)
+    feats = encoder(np.stack([synthetic_tissue(side, side, seed=s) for s in range(2)]))
+    assert feats.shape == (2, spec.dim or encoder.dim) and np.isfinite(feats).all()
+    assert spec.describe()["weights"] in ("none", "optional", "required")
+
+
+def test_encoder_declarations_are_enforced(tmp_path: Path) -> None:
+    from common.errors import ConfigError
+    from common.features import ENCODERS, FunctionEncoder, register_encoder
+
+    with pytest.raises(ConfigError, match="takes no weights"):
+        build_encoder("color-texture", tmp_path / "w.pt")
+    with pytest.raises(ConfigError, match=r"32-px patches, got 64x64 px; use --patch-size 32"):
+        build_encoder("patch-cnn")(np.zeros((1, 64, 64, 3), np.uint8))
+    register_encoder("test-liar", lambda w: FunctionEncoder("test-liar", lambda p: p[:, 0, 0],
+                                                            3), "claims 8-d", dim=8,
+                     normalisation=None)
+    register_encoder("test-needs-weights", lambda w: get_encoder("color-texture"), "x",
+                     weights="required", normalisation=None)
+    try:
+        with pytest.raises(ConfigError, match=r"test-liar.*dim 3 \(declared 8\)"):
+            build_encoder("test-liar")
+        with pytest.raises(ConfigError, match="needs a local weights file"):
+            build_encoder("test-needs-weights")
+    finally:
+        ENCODERS.pop("test-liar"), ENCODERS.pop("test-needs-weights")

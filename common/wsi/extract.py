@@ -11,19 +11,20 @@ recorded as failed; the others proceed.
 
 Patches are read by ``workers`` processes (each with its own slide handle; 1 reads in this
 process) and embedded here in batches.
+
+Modules: :mod:`common.wsi.manifest` (the manifest and the settings key),
+:mod:`common.wsi.patches` (the patch reader), :mod:`common.data.featurefile` (the feature
+file's schema); this module is the run over a folder (:class:`PrepareOptions`, one slide,
+progress).
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import shutil
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,50 +35,20 @@ from common.data.featurefile import MANIFEST
 from common.data.labels import LABELS
 from common.errors import DataError, PathFedError
 from common.features import Encoder, build_encoder
+from common.wsi.manifest import (
+    DONE,
+    FAILED,
+    SKIPPED,
+    PrepareSettings,
+    SlideResult,
+    read_manifest,
+    write_manifest,
+)
+from common.wsi.patches import PatchReader
 from common.wsi.reader import SLIDE_SUFFIXES, SlideReader, open_slide
-from common.wsi.tiling import PatchGrid, quality_flags, tile_tissue
+from common.wsi.tiling import PatchGrid, tile_tissue
 
 log = logging.getLogger(__name__)
-
-MANIFEST_COLUMNS = ("slide", "status", "reason", "n_patches", "seconds", "h5", "settings")
-DONE, SKIPPED, FAILED = "done", "skipped", "failed"
-
-
-@dataclass(frozen=True)
-class PrepareSettings:
-    """What determines a slide's feature file; a re-run with equal settings skips the slide."""
-
-    mpp: float
-    patch_size: int
-    encoder: str
-    weights_hash: str
-    tissue_threshold: float
-    overlap: int = 0
-
-    def key(self) -> str:
-        """A stable one-line form recorded in the manifest."""
-        return (f"mpp={self.mpp:g};patch={self.patch_size};encoder={self.encoder};"
-                f"weights={self.weights_hash};tissue={self.tissue_threshold:g};"
-                f"overlap={self.overlap}")
-
-
-@dataclass
-class SlideResult:
-    """One manifest row."""
-
-    slide: str
-    status: str
-    reason: str = ""
-    n_patches: int = 0
-    seconds: float = 0.0
-    h5: str = ""
-    settings: str = ""
-
-    def row(self) -> dict[str, str]:
-        return {"slide": self.slide, "status": self.status, "reason": self.reason,
-                "n_patches": str(self.n_patches), "seconds": f"{self.seconds:.2f}",
-                "h5": self.h5, "settings": self.settings}
-
 
 @dataclass
 class PrepareSummary:
@@ -130,108 +101,6 @@ def slide_name(path: Path, slides_dir: Path) -> str:
 def slide_stem(path: Path) -> str:
     """The feature file's stem: the file's stem (a DICOM slide's folder name)."""
     return path.parent.name if path.suffix.lower() == ".dcm" else path.stem
-
-
-def read_manifest(path: str | Path) -> dict[str, dict[str, str]]:
-    """Rows of a manifest by slide name (empty if there is none yet)."""
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    with path.open(newline="", encoding="utf-8") as fh:
-        return {row["slide"]: row for row in csv.DictReader(fh) if row.get("slide")}
-
-
-def write_manifest(path: Path, rows: dict[str, dict[str, str]]) -> None:
-    """Rewrite the manifest atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for name in sorted(rows):
-            writer.writerow(rows[name])
-    os.replace(tmp, path)
-
-
-# --- Patch reading (in this process or in worker processes) -------------------------------
-
-_OPEN: dict[str, Any] = {"key": None, "reader": None}
-
-
-def _reader_for(path: str, default_mpp: float | None) -> SlideReader:
-    """This process's reader of ``path`` (one open slide at a time per process)."""
-    key = (path, default_mpp)
-    if _OPEN["key"] != key:
-        _close_reader()
-        _OPEN["reader"] = open_slide(path, default_mpp=default_mpp)
-        _OPEN["key"] = key
-    return _OPEN["reader"]
-
-
-def _close_reader() -> None:
-    if _OPEN["reader"] is not None:
-        _OPEN["reader"].close()
-    _OPEN["key"] = _OPEN["reader"] = None
-
-
-def read_patches(path: str, default_mpp: float | None, coords: np.ndarray, mpp: float,
-                 patch_size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Patches ``uint8[n, P, P, 3]`` at ``coords`` and their quality flags."""
-    reader = _reader_for(path, default_mpp)
-    patches = np.empty((len(coords), patch_size, patch_size, 3), dtype=np.uint8)
-    for i, (x, y) in enumerate(coords):
-        patches[i] = reader.read_at_mpp((int(x), int(y)), (patch_size, patch_size), mpp)
-    return patches, quality_flags(patches)
-
-
-class PatchReader:
-    """Reads batches of patches in order, in this process or in ``workers`` processes.
-
-    Worker processes are started on first use (so a run with nothing to do starts none)
-    and at most ``2 * workers`` batches are in flight, which bounds memory.
-    """
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self._pool: ProcessPoolExecutor | None = None
-
-    def batches(self, path: Path, default_mpp: float | None, coords: np.ndarray, mpp: float,
-                patch_size: int, batch_size: int
-                ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        chunks = [coords[i:i + batch_size] for i in range(0, len(coords), batch_size)]
-        if self.workers <= 1:
-            try:
-                for chunk in chunks:
-                    yield read_patches(str(path), default_mpp, chunk, mpp, patch_size)
-            finally:
-                _close_reader()
-            return
-        if self._pool is None:
-            import multiprocessing
-
-            # spawn: no inherited OpenSlide handles or torch threads in the workers
-            self._pool = ProcessPoolExecutor(self.workers,
-                                             mp_context=multiprocessing.get_context("spawn"))
-        pending: deque[Future[tuple[np.ndarray, dict[str, np.ndarray]]]] = deque()
-        todo = iter(chunks)
-        try:
-            for chunk in todo:
-                pending.append(self._pool.submit(read_patches, str(path), default_mpp, chunk,
-                                                 mpp, patch_size))
-                if len(pending) >= 2 * self.workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        except BrokenProcessPool:
-            self.close()  # a reader process died (e.g. a decoder crash): start afresh
-            raise DataError(f"{path}: a patch-reading process crashed on this slide") from None
-        finally:
-            for fut in pending:
-                fut.cancel()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
 
 
 # --- One slide -------------------------------------------------------------------------
@@ -290,74 +159,101 @@ def _process_slide(
 
 # --- The folder ------------------------------------------------------------------------
 
-def prepare(
-    slides_dir: str | Path,
-    out_dir: str | Path,
-    mpp: float = 0.5,
-    patch_size: int = 256,
-    encoder: str = "color-texture",
-    weights: str | Path | None = None,
-    workers: int = 1,
-    tissue_threshold: float = 0.5,
-    *,
-    overlap: int = 0,
-    slide_mpp: float | None = None,
-    batch_size: int = 64,
-    thumbnail_size: int = 1024,
-    progress: bool = True,
-    device: str = "cpu",
-) -> PrepareSummary:
+@dataclass(frozen=True)
+class PrepareOptions:
+    """How ``pathfed prepare`` works on a folder; checked before any slide is touched.
+
+    The fields that decide a feature file's content (mpp, patch size, encoder and its
+    weights, tissue threshold, overlap) become the :class:`PrepareSettings` key; the
+    others only decide how the work is done.
+    """
+
+    mpp: float = 0.5
+    """Microns per pixel of the patches."""
+    patch_size: int = 256
+    """Patch side in pixels (at ``mpp``)."""
+    encoder: str = "color-texture"
+    """The feature encoder (:func:`common.features.build_encoder`)."""
+    weights: str | Path | None = None
+    """The encoder's local weights file."""
+    workers: int = 1
+    """Processes reading patches (1: in this process)."""
+    tissue_threshold: float = 0.5
+    """Minimum tissue fraction of a kept patch."""
+    overlap: int = 0
+    """Pixels shared by neighbouring patches."""
+    slide_mpp: float | None = None
+    """Baseline µm/px of slides that record none (e.g. plain TIFF/PNG images)."""
+    batch_size: int = 64
+    thumbnail_size: int = 1024
+    progress: bool = True
+    """Show rich progress bars (on a terminal)."""
+    device: str = "cpu"
+    """Where a torch encoder runs (``cuda`` on a GPU machine)."""
+
+    def check(self) -> None:
+        """Raise :class:`~common.errors.ConfigError` naming the first bad option."""
+        from common.errors import ConfigError
+
+        problems = [
+            (not self.mpp > 0, f"mpp must be positive, got {self.mpp}"),
+            (self.patch_size < 8, f"patch size must be at least 8 px, got {self.patch_size}"),
+            (not 0.0 <= self.tissue_threshold <= 1.0,
+             f"tissue threshold must be between 0 and 1, got {self.tissue_threshold}"),
+            (not 0 <= self.overlap < self.patch_size,
+             f"overlap must be in [0, patch size), got {self.overlap}"),
+            (self.workers < 1, f"workers must be at least 1, got {self.workers}"),
+            (self.slide_mpp is not None and not self.slide_mpp > 0,
+             f"slide mpp must be positive, got {self.slide_mpp}"),
+        ]
+        for bad, message in problems:
+            if bad:
+                raise ConfigError(message)
+
+    def build_encoder(self) -> Encoder:
+        """The encoder on its device, checked against the patch size."""
+        from common.errors import ConfigError
+
+        enc = build_encoder(self.encoder, self.weights)
+        if enc.input_size and enc.input_size != self.patch_size:
+            raise ConfigError(f"encoder {enc.name!r} takes {enc.input_size}-px patches; use "
+                              f"--patch-size {enc.input_size} (or weights trained at "
+                              f"{self.patch_size} px)")
+        if self.device != "cpu":
+            if not hasattr(enc, "to"):
+                raise ConfigError(f"encoder {enc.name!r} runs on the CPU only; drop --device")
+            try:
+                enc.to(self.device)
+            except (RuntimeError, AssertionError) as err:
+                raise ConfigError(f"device {self.device!r}: {err}") from None
+        return enc
+
+
+def prepare(slides_dir: str | Path, out_dir: str | Path,
+            options: PrepareOptions | None = None, **fields: Any) -> PrepareSummary:
     """Every slide of ``slides_dir`` to ``out_dir/<stem>.h5``; see the module docstring.
 
-    Args:
-        mpp: microns per pixel of the patches.
-        patch_size: patch side in pixels (at ``mpp``).
-        encoder, weights: the feature encoder (:func:`common.features.build_encoder`).
-        workers: processes reading patches (1: in this process).
-        tissue_threshold: minimum tissue fraction of a kept patch.
-        overlap: pixels shared by neighbouring patches.
-        slide_mpp: baseline µm/px of slides that record none (e.g. plain TIFF/PNG images).
-        progress: show rich progress bars.
-        device: where a torch encoder runs (``cuda`` on a GPU machine); patches are read
-            by ``workers`` processes either way.
-
-    Returns a :class:`PrepareSummary`. Raises :class:`DataError` (or
-    :class:`~common.errors.ConfigError`, :class:`~common.errors.UnknownModelError`) for bad
-    arguments before any slide is touched; a bad slide is recorded as failed instead.
+    ``options`` (or its fields as keywords, e.g. ``mpp=1.0, patch_size=32``) say how; see
+    :class:`PrepareOptions`. Returns a :class:`PrepareSummary`. Raises :class:`DataError`
+    (or :class:`~common.errors.ConfigError`, :class:`~common.errors.UnknownModelError`) for
+    bad arguments before any slide is touched; a bad slide is recorded as failed instead.
     """
+    from dataclasses import replace
+
     from common.errors import ConfigError
 
-    if not mpp > 0:
-        raise ConfigError(f"mpp must be positive, got {mpp}")
-    if patch_size < 8:
-        raise ConfigError(f"patch size must be at least 8 px, got {patch_size}")
-    if not 0.0 <= tissue_threshold <= 1.0:
-        raise ConfigError(f"tissue threshold must be between 0 and 1, got {tissue_threshold}")
-    if not 0 <= overlap < patch_size:
-        raise ConfigError(f"overlap must be in [0, patch size), got {overlap}")
-    if workers < 1:
-        raise ConfigError(f"workers must be at least 1, got {workers}")
-    if slide_mpp is not None and not slide_mpp > 0:
-        raise ConfigError(f"slide mpp must be positive, got {slide_mpp}")
+    opts = replace(options or PrepareOptions(), **fields)
+    opts.check()
     slides_dir = Path(slides_dir)
     slides = find_slides(slides_dir)
-    enc = build_encoder(encoder, weights)
-    if device != "cpu":
-        if not hasattr(enc, "to"):
-            raise ConfigError(f"encoder {enc.name!r} runs on the CPU only; drop --device")
-        try:
-            enc.to(device)
-        except (RuntimeError, AssertionError) as err:
-            raise ConfigError(f"device {device!r}: {err}") from None
+    enc = opts.build_encoder()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out: {out} is a file; give a folder for the feature files")
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock_folder(out)
     try:
-        return _prepare_locked(slides, slides_dir, out, enc, mpp, patch_size,
-                               tissue_threshold, overlap, workers, slide_mpp, batch_size,
-                               thumbnail_size, progress)
+        return _prepare_locked(slides, slides_dir, out, enc, opts)
     finally:
         lock.close()
 
@@ -386,12 +282,10 @@ def _lock_folder(out: Path) -> Any:
     return fh
 
 
-def _prepare_locked(slides: list[Path], slides_dir: Path, out: Path, enc: Any, mpp: float,
-                    patch_size: int, tissue_threshold: float, overlap: int, workers: int,
-                    slide_mpp: float | None, batch_size: int, thumbnail_size: int,
-                    progress: bool) -> PrepareSummary:
-    settings = PrepareSettings(mpp, patch_size, enc.name, enc.weights_hash, tissue_threshold,
-                               overlap)
+def _prepare_locked(slides: list[Path], slides_dir: Path, out: Path, enc: Encoder,
+                    opts: PrepareOptions) -> PrepareSummary:
+    settings = PrepareSettings(opts.mpp, opts.patch_size, enc.name, enc.weights_hash,
+                               opts.tissue_threshold, opts.overlap)
     manifest_path = out / MANIFEST
     rows = read_manifest(manifest_path)
     if (slides_dir / LABELS).is_file():  # so that OUT_DIR alone is a training data folder
@@ -402,8 +296,8 @@ def _prepare_locked(slides: list[Path], slides_dir: Path, out: Path, enc: Any, m
     start_all = time.perf_counter()
     results: list[SlideResult] = []
     stems: dict[str, str] = {}
-    patch_reader = PatchReader(workers)
-    bars = _Progress(progress, len(slides))
+    patch_reader = PatchReader(opts.workers)
+    bars = _Progress(opts.progress, len(slides))
     try:
         for path in slides:
             name = slide_name(path, slides_dir)
@@ -423,9 +317,9 @@ def _prepare_locked(slides: list[Path], slides_dir: Path, out: Path, enc: Any, m
                                      out_path.name, settings.key())
             else:
                 try:
-                    n = _process_slide(path, out_path, enc, settings, patch_reader, slide_mpp,
-                                       batch_size, thumbnail_size, bars.set_patches,
-                                       bars.advance_patches, name)
+                    n = _process_slide(path, out_path, enc, settings, patch_reader,
+                                       opts.slide_mpp, opts.batch_size, opts.thumbnail_size,
+                                       bars.set_patches, bars.advance_patches, name)
                     result = SlideResult(name, DONE, "", n, time.perf_counter() - t0,
                                          out_path.name, settings.key())
                 except (PathFedError, OSError, ValueError) as err:

@@ -1,0 +1,102 @@
+"""Reading a slide's patches in batches, in this process or in worker processes.
+
+Each worker holds its own slide handle (one open slide per process); batches come back
+in order and at most ``2 * workers`` are in flight, which bounds memory.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import DataError
+from common.wsi.reader import SlideReader, open_slide
+from common.wsi.tiling import quality_flags
+
+_OPEN: dict[str, Any] = {"key": None, "reader": None}
+
+
+def _reader_for(path: str, default_mpp: float | None) -> SlideReader:
+    """This process's reader of ``path`` (one open slide at a time per process)."""
+    key = (path, default_mpp)
+    if _OPEN["key"] != key:
+        _close_reader()
+        _OPEN["reader"] = open_slide(path, default_mpp=default_mpp)
+        _OPEN["key"] = key
+    return _OPEN["reader"]
+
+
+def _close_reader() -> None:
+    if _OPEN["reader"] is not None:
+        _OPEN["reader"].close()
+    _OPEN["key"] = _OPEN["reader"] = None
+
+
+def read_patches(path: str, default_mpp: float | None, coords: np.ndarray, mpp: float,
+                 patch_size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Patches ``uint8[n, P, P, 3]`` at ``coords`` and their quality flags."""
+    reader = _reader_for(path, default_mpp)
+    patches = np.empty((len(coords), patch_size, patch_size, 3), dtype=np.uint8)
+    for i, (x, y) in enumerate(coords):
+        patches[i] = reader.read_at_mpp((int(x), int(y)), (patch_size, patch_size), mpp)
+    return patches, quality_flags(patches)
+
+
+class PatchReader:
+    """Reads batches of patches in order, in this process or in ``workers`` processes.
+
+    Worker processes are started on first use (so a run with nothing to do starts none)
+    and at most ``2 * workers`` batches are in flight, which bounds memory.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def batches(self, path: Path, default_mpp: float | None, coords: np.ndarray, mpp: float,
+                patch_size: int, batch_size: int
+                ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        chunks = [coords[i:i + batch_size] for i in range(0, len(coords), batch_size)]
+        if self.workers <= 1:
+            try:
+                for chunk in chunks:
+                    yield read_patches(str(path), default_mpp, chunk, mpp, patch_size)
+            finally:
+                _close_reader()
+            return
+        if self._pool is None:
+            import multiprocessing
+
+            # spawn: no inherited OpenSlide handles or torch threads in the workers
+            self._pool = ProcessPoolExecutor(self.workers,
+                                             mp_context=multiprocessing.get_context("spawn"))
+        pending: deque[Future[tuple[np.ndarray, dict[str, np.ndarray]]]] = deque()
+        todo = iter(chunks)
+        try:
+            for chunk in todo:
+                pending.append(self._pool.submit(read_patches, str(path), default_mpp, chunk,
+                                                 mpp, patch_size))
+                if len(pending) >= 2 * self.workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool:
+            self.close()  # a reader process died (e.g. a decoder crash): start afresh
+            raise DataError(f"{path}: a patch-reading process crashed on this slide") from None
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+__all__ = ["PatchReader", "read_patches"]
