@@ -15,8 +15,9 @@ import sys
 from collections.abc import Sequence
 
 from cli import audit, checkpoint, consortium, models, prepare, server, simulate
-from cli._shared import EXIT_BAD_INPUT, setup_logging
+from cli._shared import EXIT_BAD_INPUT
 from common.errors import ConfigError, DataError, PathFedError, UnknownModelError
+from common.logs import setup_logging
 
 COMMANDS = (simulate, prepare, consortium, server, audit, checkpoint, models)
 

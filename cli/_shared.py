@@ -16,23 +16,6 @@ log = logging.getLogger("pathfed")
 EXIT_BAD_INPUT = 2
 
 
-def setup_logging(verbose: bool) -> None:
-    handler: logging.Handler
-    if sys.stderr.isatty():
-        from rich.logging import RichHandler
-
-        handler = RichHandler(show_path=False, show_level=verbose, markup=False,
-                              log_time_format="[%X]")
-        handler.setFormatter(logging.Formatter("%(message)s"))
-    else:  # logs and pipes: one unwrapped line per record, greppable
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    # Flower and Ray are chatty; PathFed prints one line per round.
-    for name in ("flwr", "ray", "filelock", "alembic"):
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
-
-
 def parse_value(text: str) -> Any:
     import tomllib
 

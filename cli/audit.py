@@ -68,8 +68,12 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if not run_dir.is_dir():
         raise DataError(f"{run_dir}: run folder not found")
     if not (run_dir / LEDGER_FILE).is_file():
-        raise DataError(f"{run_dir / LEDGER_FILE}: no privacy ledger in this run folder (runs "
-                        "made before the ledger existed cannot be audited)")
+        found = "" if not (run_dir / "summary.json").is_file() else (
+            " (it has a summary.json: a run by a PathFed version older than 0.1, whose "
+            "`flwr run` kept no ledger; runs now always keep one)")
+        raise DataError(f"{run_dir / LEDGER_FILE}: no privacy ledger in this run folder"
+                        f"{found}; give the RUN_DIR of a `pathfed simulate`, `pathfed run` or "
+                        "`flwr run` run (the folder holding ledger.jsonl)")
     trusted = load_public_keys(args.keys) if args.keys else None
     if args.attack and (args.attack_models < 4 or args.attack_canaries < 4):
         raise ConfigError("--attack-models and --attack-canaries: need 4 at least")

@@ -48,7 +48,7 @@ def add_parser(sub: Any) -> None:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from cli._shared import setup_logging
+    from common.logs import setup_logging
 
     setup_logging(args.verbose)
     if args.verbose:

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cli._shared import settings, setup_logging
+from cli._shared import settings
+from common.logs import setup_logging
 
 log = logging.getLogger("pathfed")
 

@@ -74,10 +74,15 @@ def _site(context: Context, config: dict[str, Any], state_root: Path | None = No
 
 
 def _ledger_key(context: Context, site: Site) -> Path | None:
-    """The site's ledger signing key: its own (deployment) or the simulation's."""
+    """The site's ledger signing key: its own (deployment) or the simulation's.
+
+    A deployed site (``site-name`` in its node config) signs with its own key only,
+    never with a key at a path the server names."""
     own = context.node_config.get("ledger-key")
     if own:
         return Path(str(own))
+    if "site-name" in context.node_config:
+        return None
     if site.cfg.keys:
         from common.ledger import site_key_path
 

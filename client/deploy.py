@@ -92,8 +92,9 @@ def start_site(path: str | Path, name: str, data: str | Path,
     seed can remove it).
     """
     folder = site_folder(path, name)
-    if not Path(data).exists():
-        raise ConfigError(f"--data: {data} not found")
+    from common.data.sources import check_source
+
+    check_source(str(data), 1)  # the site's own data, checked (and described) once here
     state = Path(state_dir) if state_dir else folder / "state"
     state.mkdir(parents=True, exist_ok=True)
     if insecure:

@@ -55,6 +55,20 @@ class FederationAborted(PathFedError):
     """No site could train in the first round: going on would train nothing."""
 
 
+def plan_line(n: int, metrics: Mapping[str, Any]) -> str:
+    """What a site's first reply says about its training and privacy plan, in words."""
+    text = f"trains on {n} samples, {metrics.get('steps', '?')} steps per round"
+    if "noise_multiplier" in metrics:
+        text += (f"; DP-SGD with noise multiplier {float(metrics['noise_multiplier']):.3g}, "
+                 f"sampling rate {float(metrics['sample_rate']):.3g}, clipping "
+                 f"{float(metrics['max_grad_norm']):g}, budget epsilon "
+                 f"{float(metrics['epsilon_budget']):g} (spent {float(metrics['epsilon']):.3g} "
+                 "in its first round)")
+    else:
+        text += "; no DP"
+    return text
+
+
 def weighted_mean(updates: Sequence[tuple[NDArrays, int]]) -> NDArrays:
     """Weighted average of updates, weights = training samples (Flower's FedAvg)."""
     total = sum(n for _, n in updates)
@@ -187,6 +201,8 @@ class RoundBook:
         self.global_weights = [w + np.asarray(u).astype(w.dtype)
                                for w, u in zip(self.global_weights, mean_update)]
         for site, n, metrics in accepted:
+            if site not in self.declared:
+                log.info("%s: %s", site, plan_line(int(n), metrics))
             self.declared.setdefault(site, int(n))
             record["trained"].append(site)
             record["sites"][site] = {k: v for k, v in metrics.items()

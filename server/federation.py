@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
@@ -23,11 +24,28 @@ from server.strategy import FederationAborted, PathFedStrategy
 log = logging.getLogger(__name__)
 
 
-def open_ledger(cfg: FederationConfig, run: RunFolder, weights: list[Any]) -> Ledger | None:
+def run_keys(cfg: FederationConfig, run: RunFolder, grid: Grid) -> FederationConfig:
+    """``cfg`` with ledger keys: its own, or (``flwr run .``, Flower's local simulation,
+    which passes none) keys made for this run beside the run folder, as ``pathfed
+    simulate`` makes them, so that every run keeps a ledger to audit. A deployment passes
+    the consortium's keys (``pathfed run``); its sites sign with their own keys only."""
+    if cfg.keys:
+        return cfg
+    from common.ledger import make_key_folder
+
+    try:
+        nodes = len(list(grid.get_node_ids()))
+    except Exception:  # a grid that cannot list its nodes yet
+        nodes = 0
+    folder = make_key_folder(Path(f"{str(run.path).rstrip('/')}.keys"),
+                             [f"site-{i}" for i in range(max(cfg.sites, nodes))])
+    log.info("no ledger keys given (`keys`): this simulation's ledger is signed with keys "
+             "made for it in %s", folder)
+    return cfg.model_copy(update={"keys": str(folder.resolve())})
+
+
+def open_ledger(cfg: FederationConfig, run: RunFolder, weights: list[Any]) -> Ledger:
     """The run's privacy ledger (``RUN_DIR/ledger.jsonl``), started or resumed."""
-    if not cfg.keys:
-        log.warning("no ledger keys (`keys`): this run keeps no privacy ledger to audit")
-        return None
     server_key, site_keys = server_keys(cfg.keys)
     ledger = Ledger(run.path / LEDGER_FILE, server_key)
     if ledger.seq == 0:
@@ -63,6 +81,7 @@ def run_federation(grid: Grid, context: Context, cfg: FederationConfig) -> dict[
     """Run ``cfg.rounds`` rounds over the sites ``grid`` reaches; write the run folder."""
     key = load_key()
     run = RunFolder(cfg.out or default_run_dir(), checkpoint_key=key, run_id=cfg.run_id)
+    cfg = run_keys(cfg, run, grid)
     model = initial_model(cfg)
     names = list(model.state_dict().keys())
     weights, done, history = get_weights(model), 0, []
@@ -92,6 +111,8 @@ def run_federation(grid: Grid, context: Context, cfg: FederationConfig) -> dict[
              "run folder %s", cfg.sites, cfg.rounds, cfg.model,
              f"on (epsilon={cfg.epsilon:g}, delta={cfg.delta:g})" if cfg.dp else "OFF",
              "on" if cfg.secagg else "OFF", "AES-256-GCM" if key else "plain", run.path)
+    log.info("round %d: waiting for the sites, which load their data and plan their "
+             "privacy first (the first round takes longest)", done + 1)
     error = None
     try:
         DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)

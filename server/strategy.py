@@ -87,6 +87,13 @@ class PathFedStrategy(FedAvg):
         not stall the federation, so later rounds go on with whoever is there.
         """
         wanted = self.cfg.sites if server_round == 1 else minimum
+        connected = client_manager.num_available()
+        if connected < wanted and server_round == 1:
+            log.warning("round %d: %d of the %d sites (`sites`) are connected; waiting up to "
+                        "%.0f s (`timeout`) for the others. Under `flwr run`'s simulation give "
+                        "`--federation-config num-supernodes=%d`, or `--run-config sites=%d`",
+                        self._round(server_round), connected, wanted, self.cfg.timeout,
+                        wanted, max(connected, 2))
         if not client_manager.wait_for(wanted, timeout=int(self.cfg.timeout)):
             log.warning("round %d: %d of %d sites connected after %.0f s; going on",
                         self._round(server_round), client_manager.num_available(), wanted,

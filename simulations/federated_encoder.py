@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
 
 from common.config import FederationConfig, load_config_file
@@ -30,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for the three steps' outputs")
     parser.add_argument("--no-dp", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%X")
+    from common.logs import setup_logging
+
+    setup_logging(verbose=False)
     import torch
 
     from common.runs import load_checkpoint

@@ -47,22 +47,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--no-dp", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%X")
+    from common.logs import setup_logging
+
+    setup_logging(verbose=False)
     from common.config import FederationConfig
     from common.wsi.extract import prepare
     from simulations.simulate import simulate
 
     out = Path(args.out)
     slides = make_slides(out / "slides", args.sites, args.slides, size=(768, 512))
+    extract_log = logging.getLogger("common.wsi.extract")
+    extract_log.setLevel(logging.WARNING)  # one line for the folder, not one per slide
     summary = prepare(slides, out / "features", mpp=1.0, patch_size=32,
                       encoder="color-texture", progress=False)
+    extract_log.setLevel(logging.NOTSET)
+    logging.getLogger("simulations").info(
+        "prepared %d slides: %d patches in %.1f s (%s)", len(summary.results),
+        summary.n_patches, summary.seconds, summary.manifest)
     cfg = FederationConfig(sites=args.sites, rounds=args.rounds, data=str(out / "features"),
                            batch_size=8, local_epochs=2, optimizer="adam", lr=0.01,
                            dp=not args.no_dp, out=str(out / "run"))
     result = simulate(cfg)
     status = [r.status for r in summary.results]
-    print(json.dumps({"slides": {s: status.count(s) for s in set(status)}, "auc": result["auc"],
-                      "accuracy": result["accuracy"], "epsilon": result["epsilon"]}, indent=2))
+    keys = ("auc", "auc_last3_mean", "auc_last3_sd", "accuracy", "threshold",
+            "balanced_accuracy_calibrated", "epsilon")
+    print(json.dumps({"slides": {s: status.count(s) for s in set(status)},
+                      **{k: result.get(k) for k in keys}}, indent=2))
     return 0
 
 

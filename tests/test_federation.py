@@ -248,3 +248,37 @@ def test_same_seed_same_checkpoints_with_secagg(runs: dict[str, Any],
         first = load_checkpoint(Path(cfg.out) / "checkpoints" / name)
         second = load_checkpoint(Path(again.out) / "checkpoints" / name)
         assert all(np.array_equal(first[k], second[k]) for k in first), name
+
+
+def test_flwr_run_keeps_a_ledger_that_audits(tmp_path: Path) -> None:
+    """Flower's own `flwr run .` (its local simulation SuperLink) writes the ledger a
+    `pathfed simulate` run writes, and `pathfed audit` verifies it. Flower keeps its local
+    SuperLink running for the next `flwr run`; the test stops it as the README says."""
+    import os
+    import shutil
+
+    from simulations.simulate import FLOWER_ENV
+
+    root = Path(__file__).parent.parent
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(tmp_path / "flwr-home")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    flwr = shutil.which("flwr", path=env["PATH"])
+    assert flwr, "flwr is installed with the package"
+    run = tmp_path / "run"
+    try:
+        done = subprocess.run(
+            [flwr, "run", ".", "--stream", "--run-config", f"rounds=1 out='{run}'",
+             "--federation-config", "num-supernodes=3"], cwd=root, env=env,
+            capture_output=True, text=True, timeout=240)
+    finally:
+        subprocess.run(["pkill", "-f", f"flower-superlink.*{tmp_path / 'flwr-home'}"],
+                       check=False)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert (run / "ledger.jsonl").is_file(), log[-3000:]
+    assert (run / "summary.json").is_file() and Path(f"{run}.keys").is_dir()
+    assert "INFO:" not in log  # no line printed twice (the Opacus root handler is undone)
+    from tests.conftest import run_cli
+
+    audit = run_cli("audit", str(run))
+    assert audit.returncode == 0 and "everything verifies" in audit.stdout, audit.stdout

@@ -41,11 +41,14 @@ class _Slide:
     group: str
 
 
-def load_h5_bags(folder: str | Path, labels_csv: str | Path | None = None) -> H5Bags:
+def load_h5_bags(folder: str | Path, labels_csv: str | Path | None = None,
+                 warn_missing: bool = True) -> H5Bags:
     """Bags (``features`` of each slide's HDF5 file) and labels of a prepared folder.
 
     ``labels_csv`` defaults to ``folder/labels.csv``. Labelled slides without a feature
-    file are skipped with a warning (see ``manifest.csv`` for why they failed).
+    file are skipped with a warning (see ``manifest.csv`` for why they failed); a site
+    loading its bags says so at debug level only (``warn_missing=False``), since the data
+    check before the run has said it once.
 
     Raises :class:`DataError` naming the file for a missing folder, a malformed labels
     file, an unreadable feature file, or when no labelled slide has features.
@@ -88,8 +91,9 @@ def load_h5_bags(folder: str | Path, labels_csv: str | Path | None = None) -> H5
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5
                                           else "")
-        log.warning("%s: %d labelled slide(s) have no feature file (%s); skipped, see %s",
-                    folder, len(missing), shown, folder / MANIFEST)
+        log.log(logging.WARNING if warn_missing else logging.DEBUG,
+                "%s: %d labelled slide(s) have no feature file (%s); skipped, see %s",
+                folder, len(missing), shown, folder / MANIFEST)
     if len(encoders) > 1:
         (a, first), (b, second) = list(encoders.items())[:2]
         raise DataError(f"{folder}: feature files made by different encoders or weights "
@@ -116,7 +120,7 @@ def h5_feature_dim(folder: str | Path) -> int:
 def h5_folder_site(folder: str | Path, index: int, n_sites: int, seed: int = 0,
                    val_fraction: float = 0.3) -> SiteData:
     """Site ``index`` of a prepared folder split into ``n_sites`` hospitals by group."""
-    data = load_h5_bags(folder)
+    data = load_h5_bags(folder, warn_missing=False)
     items = [_Slide(i, group) for i, group in enumerate(data.groups)]
     chosen = items if n_sites == 1 else assign_sites(items, n_sites)[index]
     idx = [item.index for item in chosen]

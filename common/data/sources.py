@@ -155,11 +155,16 @@ def check_source(data: str | None, n_sites: int) -> DataSource:
     with fewer than two.
     """
     source = detect_source(data)
+    counts: list[int] = []
     if source.kind == "features":
         from common.data.h5 import load_h5_bags
+        from common.data.labels import assign_sites
 
         assert source.path is not None
-        load_h5_bags(source.path)
+        bags = load_h5_bags(source.path)
+        counts = ([len(bags.bags)] if n_sites == 1 else
+                  [len(site) for site in assign_sites([_Grouped(g) for g in bags.groups],
+                                                      n_sites)])
     elif source.kind == "images":
         from common.data.images import read_image, read_labels
         from common.data.labels import assign_sites
@@ -179,12 +184,23 @@ def check_source(data: str | None, n_sites: int) -> DataSource:
                 raise DataError(f"{source.path}: site-{index} has {readable} readable "
                                 "image(s); it needs two at least (fix the images or use "
                                 "fewer --sites)")
+            counts.append(readable)
         if unreadable:
             log.warning("%d image(s) unreadable; the run goes on without them", unreadable)
     elif source.kind == "site-folder":
         assert source.path is not None
         site_folder_file(source.path, 0, n_sites)
+    unit = "images" if source.kind == "images" else "slides"
+    per_site = (": " + ", ".join(f"site-{i} {n}" for i, n in enumerate(counts))
+                + f" {unit}") if counts else ""
+    log.info("data: %s, %d site%s%s", source.describe(), n_sites, "s" * (n_sites != 1),
+             per_site)
     return source
+
+
+@dataclass(frozen=True)
+class _Grouped:
+    group: str
 
 
 __all__ = ["DataSource", "SourceKind", "check_source", "detect_source", "feature_dim",

@@ -19,11 +19,24 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from opacus.accountants import RDPAccountant, create_accountant
-from opacus.accountants.analysis import rdp as privacy_analysis
-from opacus.accountants.utils import get_noise_multiplier
 
-from common.errors import ConfigError, PrivacyBudgetExhausted
+_ROOT_HANDLERS = list(logging.getLogger().handlers)
+from opacus.accountants import RDPAccountant, create_accountant  # noqa: E402
+from opacus.accountants.analysis import rdp as privacy_analysis  # noqa: E402
+from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
+
+from common.errors import ConfigError, PrivacyBudgetExhausted  # noqa: E402
+
+# Importing Opacus calls logging.basicConfig(), which gives the root logger a handler
+# where the application set none: every Flower line would then be printed twice (Flower's
+# own handler, and the root's). The application decides how logs look, not a library.
+for _handler in logging.getLogger().handlers:
+    if _handler not in _ROOT_HANDLERS:
+        logging.getLogger().removeHandler(_handler)
+
+# With tens of slides per site Poisson sampling often draws an empty batch; training
+# handles it (a noise-only step, see common.training), so Opacus' warning is noise.
+logging.getLogger("opacus.data_loader").setLevel(logging.ERROR)
 
 log = logging.getLogger(__name__)
 
