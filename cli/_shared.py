@@ -1,4 +1,4 @@
-"""What every ``pathfed`` command shares: logging, settings, output paths, waiting."""
+"""What every ``pathfed`` command shares: settings, output paths, waiting."""
 
 from __future__ import annotations
 
