@@ -20,14 +20,15 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from common.features import ENCODERS, TIMM
     from common.models import MODELS
 
-    models = {name: {"kind": spec.kind, "summary": spec.summary, "options": spec.options}
+    models = {name: {"kind": spec.kind, "summary": spec.summary, "options": spec.options,
+                     "choices": {k: list(v) for k, v in spec.choices.items()}}
               for name, spec in sorted(MODELS.items())}
     encoders = {name: spec.describe() for name, spec in sorted(ENCODERS.items())}
     encoders["timm:ARCH"] = TIMM.describe()
     if args.json:
         print(json.dumps({"models": models, "encoders": encoders}, indent=2))
         return 0
-    print("models (--set model=NAME):")
+    print("models (--set model=NAME --set model-options=NAME=VALUE,...):")
     for name, m in models.items():
         options = ", ".join(f"{k}={v}" for k, v in m["options"].items()) or "-"
         print(f"  {name:<22} {m['kind']:<8} {m['summary']}  [options: {options}]")

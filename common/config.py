@@ -80,6 +80,9 @@ class FederationConfig(BaseModel):
 
     # Model and local training
     model: str = Field("gated-attention-mil", description="Model name in the registry.")
+    model_options: str = Field(
+        "", description="The model's options as 'name=value,...' (e.g. 'hidden_dim=64,"
+        "kernel=rbf'); `pathfed models` lists each model's options and defaults.")
     local_epochs: int = Field(1, ge=1, le=1000, description="Local epochs per round.")
     batch_size: int = Field(
         32, ge=1, le=100_000, description="Expected (Poisson) batch size in slides."
@@ -152,6 +155,9 @@ class FederationConfig(BaseModel):
 
         if self.model not in MODELS:
             raise ValueError(f"model: unknown model {self.model!r}; known: {', '.join(MODELS)}")
+        from common.models import parse_model_options
+
+        parse_model_options(self.model, self.model_options)
         if self.secagg:
             shares, threshold = self.secagg_num_shares, self.secagg_threshold
             if shares > 1 and (shares != int(shares) or shares <= 2):

@@ -46,14 +46,21 @@ def feature_dim(cfg: FederationConfig) -> int:
 def initial_model(cfg: FederationConfig) -> torch.nn.Module:
     """The federation's initial global model (deterministic in ``cfg.seed``)."""
     torch.manual_seed(cfg.seed)
-    return build_model(cfg.model, **model_kwargs(cfg))
+    kwargs = model_kwargs(cfg)
+    try:
+        return build_model(cfg.model, **kwargs)
+    except (ValueError, TypeError) as err:  # an option value the model refuses
+        raise ConfigError(f"model-options of {cfg.model!r}: {err}") from None
 
 
 def model_kwargs(cfg: FederationConfig, in_dim: int | None = None) -> dict[str, Any]:
     """Constructor arguments of ``cfg.model`` for this data."""
+    from common.models import parse_model_options
+
+    options = parse_model_options(cfg.model, cfg.model_options)
     if model_kind(cfg) == "patches":
-        return {"patch_size": cfg.patch_size}
-    return {"in_dim": in_dim if in_dim is not None else feature_dim(cfg)}
+        return {"patch_size": cfg.patch_size, **options}
+    return {"in_dim": in_dim if in_dim is not None else feature_dim(cfg), **options}
 
 
 def _seed(*parts: object) -> int:

@@ -47,17 +47,22 @@ def test_output_shapes_and_attention(name: str) -> None:
     assert (out.attention[~mask] == 0).all()
 
 
-def test_padding_does_not_change_a_bag() -> None:
+@pytest.mark.parametrize("name", MIL_MODELS)
+def test_padding_does_not_change_a_bag(name: str) -> None:
     torch.manual_seed(1)
-    model = build_model("gated-attention-mil", in_dim=12).eval()
+    model = build_model(name, in_dim=12).eval()
     x, mask, _ = _bags()
     padded = model(x, mask).logits
     alone = torch.stack([model(x[i : i + 1, mask[i]], None).logits[0] for i in range(5)])
     assert torch.allclose(padded, alone, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", MIL_MODELS)
+HOOKS_MODELS = [n for n in MIL_MODELS if build_model(n, in_dim=4).opacus_hooks]
+
+
+@pytest.mark.parametrize("name", HOOKS_MODELS)
 def test_per_sample_gradients_match_one_bag_at_a_time(name: str) -> None:
+    """Opacus' hook-based per-sample gradients, for the models that declare they hold."""
     torch.manual_seed(0)
     model = build_model(name, in_dim=12)
     x, mask, y = _bags()
@@ -137,3 +142,68 @@ def test_every_model_declares_a_kind_and_honours_the_contract() -> None:
         model = build_model(name, **({"in_dim": 8} if spec.kind == "bags" else {}))
         assert isinstance(model, TrainableModel), name
         assert model.per_sample_grads in ("vmap", "hooks")
+
+
+def test_every_bag_model_gives_instance_scores() -> None:
+    from common.models.base import InstanceScorer
+
+    x, mask, _ = _bags()
+    for name in MIL_MODELS:
+        model = build_model(name, in_dim=12).eval()
+        assert isinstance(model, InstanceScorer), name
+        scores = model.instance_scores(x, mask)
+        assert scores.shape == (5, 9) and (scores[~mask] == 0).all(), name
+
+
+def test_sparse_mil_selects_a_few_patches() -> None:
+    from common.models.sparse_mil import sparsemax
+
+    torch.manual_seed(0)
+    model = build_model("sparse-mil", in_dim=12, temperature=0.05).eval()
+    x, mask, _ = _bags()
+    chosen = model.selected(x, mask)
+    assert all(0 < len(c) <= int(m.sum()) for c, m in zip(chosen, mask))
+    assert all(bool(mask[i, c].all()) for i, c in enumerate(chosen))  # never padding
+    z = torch.tensor([[0.5, -0.1, -3.0], [2.0, 0.1, 0.0]])
+    assert torch.allclose(sparsemax(z), torch.tensor([[0.8, 0.2, 0.0], [1.0, 0.0, 0.0]]))
+
+
+def test_model_options_are_checked_and_applied() -> None:
+    from common.config import FederationConfig
+    from common.site import initial_model
+
+    model = initial_model(FederationConfig(model="sa-mil",
+                                           model_options="hidden_dim=8, kernel=rbf"))
+    assert model.embed[0].out_features == 8 and model.kernel == "rbf"
+    for options, says in (("hidden=3", r"'hidden=3' is not an option of model 'sa-mil'; its "
+                                        r"options: hidden_dim \(default 32\)"),
+                          ("kernel=gauss", "is not one of dot, rbf, laplace"),
+                          ("hidden_dim=big", r"hidden_dim='big' is not a int")):
+        with pytest.raises(ValueError, match=says):
+            FederationConfig(model="sa-mil", model_options=options)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MIL_MODELS)
+def test_each_bag_model_trains_in_a_tiny_dp_federation(name: str, tmp_path) -> None:
+    """2 sites x 2 rounds of DP-SGD through the one engine (real Opacus, the ledger), then
+    the last checkpoint loads into a fresh model that scores bags as the global one."""
+    from common.config import FederationConfig
+    from common.fedavg import run_inprocess
+    from common.runs import RunFolder, load_checkpoint
+    from common.site import initial_model
+    from common.training import set_weights
+
+    cfg = FederationConfig(model=name, sites=2, rounds=2, synthetic_bags=24, batch_size=8,
+                           local_epochs=1, dp=True, epsilon=8.0, secagg=False)
+    result = run_inprocess(cfg, run_dir=tmp_path / "run")
+    assert result.summary["rounds_with_model"] == 2, result.summary
+    assert all(0 < e <= 8.0 for e in result.epsilon.values())
+    latest = RunFolder(tmp_path / "run").latest_checkpoint()
+    assert latest is not None and latest[0] == 2
+    fresh = initial_model(cfg)
+    set_weights(fresh, list(load_checkpoint(latest[1]).values()))
+    again = initial_model(cfg)
+    set_weights(again, result.weights)
+    x, mask, _ = _bags(d=32)
+    assert torch.allclose(fresh.eval().scores(x, mask), again.eval().scores(x, mask))

@@ -28,6 +28,23 @@ MODELS: dict[str, ModelSpec] = {
                                      "gated attention-MIL (Ilse et al. 2018)", _MIL_OPTIONS),
     "attention-mil": ModelSpec("common.models.mil:attention_mil", "bags",
                                "attention-MIL (Ilse et al. 2018)", _MIL_OPTIONS),
+    "sa-mil": ModelSpec("common.models.sa_mil:sa_mil", "bags",
+                        "self-attention (dot, RBF or Laplace kernel) then gated attention "
+                        "(Rymarczyk et al. 2021)", {**_MIL_OPTIONS, "kernel": "dot"},
+                        {"kernel": ("dot", "rbf", "laplace")}),
+    "transmil": ModelSpec("common.models.transmil:transmil", "bags",
+                          "transformer: class token, 2 self-attention layers, PPEG "
+                          "(Shao et al. 2021)", {"hidden_dim": 32, "heads": 4, "dropout": 0.0}),
+    "clam-sb": ModelSpec("common.models.clam:clam_sb", "bags",
+                         "gated attention + instance clustering loss on top/bottom-k "
+                         "patches (Lu et al. 2021)",
+                         {**_MIL_OPTIONS, "k_sample": 8, "bag_weight": 0.7}),
+    "dsmil": ModelSpec("common.models.dsmil:dsmil", "bags",
+                       "dual stream: max-pooled instance classifier + critical-instance "
+                       "attention (Li et al. 2021)", _MIL_OPTIONS),
+    "sparse-mil": ModelSpec("common.models.sparse_mil:sparse_mil", "bags",
+                            "sparsemax selection of key patches, classified alone (the "
+                            "seed's SS-MIL)", {**_MIL_OPTIONS, "temperature": 1.0}),
     "residual-patch-cnn": ModelSpec("common.models.patch_cnn:residual_patch_cnn", "patches",
                                     "the seed's residual patch CNN (GroupNorm)", {}),
 }
@@ -41,6 +58,36 @@ def model_spec(name: str) -> ModelSpec:
         raise UnknownModelError(
             f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}"
         ) from None
+
+
+def parse_model_options(name: str, text: str) -> dict[str, Any]:
+    """``'hidden_dim=64,kernel=rbf'`` as constructor options of model ``name``, each of the
+    type of its declared default; :class:`ValueError` naming the allowed options."""
+    declared = model_spec(name).options
+    out: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw = (part.strip() for part in item.partition("="))
+        allowed = ", ".join(f"{k} (default {v!r})" for k, v in declared.items()) or "none"
+        if not sep or key not in declared:
+            raise ValueError(f"model-options: {item!r} is not an option of model {name!r}; "
+                             f"its options: {allowed}")
+        default = declared[key]
+        try:
+            if isinstance(default, bool):
+                if raw.lower() not in ("true", "false"):
+                    raise ValueError(raw)
+                value: Any = raw.lower() == "true"
+            else:
+                value = type(default)(raw)
+        except ValueError:
+            raise ValueError(f"model-options: {key}={raw!r} is not a {type(default).__name__} "
+                             f"(default {default!r})") from None
+        allowed_values = model_spec(name).choices.get(key)
+        if allowed_values is not None and value not in allowed_values:
+            raise ValueError(f"model-options: {key}={raw!r} is not one of "
+                             f"{', '.join(map(str, allowed_values))}")
+        out[key] = value
+    return out
 
 
 def models_of_kind(kind: Kind) -> list[str]:
@@ -63,4 +110,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["MODELS", "AttentionMIL", "MILOutput", "ModelSpec", "build_model", "model_spec",
-           "models_of_kind"]
+           "models_of_kind", "parse_model_options"]

@@ -9,8 +9,8 @@ the data path a site builds for it (never its name):
   each slide; built with ``patch_size``.
 
 Training needs :class:`TrainableModel`. :class:`InstanceScorer` is the contract a model
-offers for per-patch scores (attention, instance logits); no registered model implements
-it yet, and the heatmaps of ``pathfed predict`` (to come) will need it.
+offers for per-patch scores (its pooling weights); every bag model implements it (through
+:class:`common.models.mil.BagClassifier`), for the heatmaps of ``pathfed predict``.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ class ModelSpec:
     summary: str
     options: dict[str, Any] = field(default_factory=dict)
     """Constructor options and their defaults (beyond the data size)."""
+    choices: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    """The allowed values of options that take one of a few (e.g. a kernel's name)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
