@@ -1,6 +1,7 @@
 """DP-SGD overhead: one DP step against one plain step, same model and batch.
 
     python -m benchmarks dp [--repeats 5] [--bags 8 --instances 2000 --features 1024]
+    python -m benchmarks dp --models all     # every registered model: DP path vs plain
 
 For attention-MIL on feature bags and for the seed's patch CNN (slides of k patches), each
 per-sample-gradient path Opacus offers (``hooks``, ``functorch``, ``ew``, ghost clipping)
@@ -30,15 +31,17 @@ MODES = ("plain", "hooks", "functorch", "ew", "ghost", "vmap")
 def _batch(model_name: str, args: argparse.Namespace) -> tuple[Any, list[Any]]:
     import torch
 
-    from common.models import build_model
+    from common.models import build_model, model_spec
 
     torch.manual_seed(0)
-    if model_name == "mil":
-        model = build_model("gated-attention-mil", in_dim=args.features)
+    name = {"mil": "gated-attention-mil", "cnn": "residual-patch-cnn"}.get(model_name,
+                                                                          model_name)
+    if model_spec(name).kind == "bags":
+        model = build_model(name, in_dim=args.features)
         x = torch.randn(args.bags, args.instances, args.features)
         mask = torch.ones(args.bags, args.instances, dtype=torch.bool)
         return model, [x, mask, torch.randint(0, 2, (args.bags,)).float()]
-    model = build_model("residual-patch-cnn", patch_size=args.patch_size, dropout=0.0)
+    model = build_model(name, patch_size=args.patch_size, dropout=0.0)
     x = torch.randn(args.slides, args.patches, 3, args.patch_size, args.patch_size)
     return model, [x, torch.randint(0, 2, (args.slides,)).float()]
 
@@ -135,6 +138,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     args = parser.parse_args(argv)
     console = Console()
+    if args.models == ["all"]:
+        return _every_model(args, console)
     for model_name in args.models:
         results = {mode: _run(model_name, mode, args) for mode in MODES}
         base = results["plain"]
@@ -151,3 +156,35 @@ def main(argv: list[str]) -> int:
                           f"{r['rss_mb']:.0f}", f"{r['rss_mb'] / base['rss_mb']:.2f}x")
         console.print(table)
     return 0
+
+
+TARGET = 1.3
+"""A DP step of a MIL model may cost at most this many plain steps (issue #14)."""
+
+
+def _every_model(args: argparse.Namespace, console: Console) -> int:
+    """Every registered model: PathFed's DP path (``vmap``, one sample = one slide)
+    against a plain step, time and peak memory, each in a fresh process."""
+    from common.models import MODELS
+
+    table = Table(title=f"DP-SGD step (torch.func per-slide gradients, clipping, noise) vs "
+                        f"plain step, every model on {args.device} (best of {args.repeats}; "
+                        f"bags {args.bags} x {args.instances} x {args.features}, patch "
+                        f"slides {args.slides} x {args.patches} x {args.patch_size} px)")
+    for col in ("model", "kind", "plain s/step", "DP s/step", "DP / plain", "plain MB",
+                "DP MB", "memory DP / plain", f"within {TARGET}x"):
+        table.add_column(col, justify="right", no_wrap=col == "model")
+    for name, spec in sorted(MODELS.items()):
+        plain, dp = _run(name, "plain", args), _run(name, "vmap", args)
+        if "error" in plain or "error" in dp:
+            table.add_row(name, spec.kind, "-", "-", plain.get("error") or dp.get("error"),
+                          "-", "-", "-", "-")
+            continue
+        ratio = dp["time"] / plain["time"]
+        table.add_row(name, spec.kind, f"{plain['time']:.4f}", f"{dp['time']:.4f}",
+                      f"{ratio:.2f}x", f"{plain['rss_mb']:.0f}", f"{dp['rss_mb']:.0f}",
+                      f"{dp['rss_mb'] / plain['rss_mb']:.2f}x",
+                      "yes" if ratio <= TARGET else "no")
+    console.print(table)
+    return 0
+
