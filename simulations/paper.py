@@ -351,24 +351,34 @@ def _splice(path: Path, text: str) -> None:
     path.write_text(f"{head}{START}\n{text}\n{END}{rest.split(END, 1)[1]}")
 
 
+def protocol_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    """The options every table of this protocol takes (data, output, folds, results)."""
+    parser.add_argument("--data", type=Path, help="UCSB breast folder (labels.csv)")
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--folds", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--results", type=Path, help="markdown file whose table to replace")
+
+
+def check_data(parser: argparse.ArgumentParser, data: Path | None) -> Path:
+    if data is None or not (data / "labels.csv").is_file():
+        parser.error("--data: a folder with labels.csv (the UCSB breast set) is needed")
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.paper",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("row", choices=[*ROWS, "table"])
-    parser.add_argument("--data", type=Path, help="UCSB breast folder (labels.csv)")
-    parser.add_argument("--out", type=Path, default=Path("results/paper"))
+    protocol_arguments(parser, "results/paper")
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--epsilon", type=float, help="per-hospital budget (dp rows)")
-    parser.add_argument("--folds", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--results", type=Path, help="markdown file whose table to replace")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.row == "table":
         print(table(args.out, args.results))
         return 0
-    if args.data is None or not (args.data / "labels.csv").is_file():
-        parser.error("--data: a folder with labels.csv (the UCSB breast set) is needed")
+    check_data(parser, args.data)
     cfg = FederationConfig.from_mapping(load_config_file(args.config), str(args.config))
     summary = run_row(args.row, args.data, args.out, cfg, args.folds, args.repeats,
                       args.epsilon)

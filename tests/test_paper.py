@@ -85,3 +85,25 @@ def test_secagg_row_runs_through_flower(tmp_path: Path) -> None:
                           epsilon=8.0)
     assert (runs[0] / "summary.json").stat().st_mtime_ns == before
     assert again["results"] == row["results"]
+
+
+def test_model_zoo_table_has_a_row_per_model(tmp_path: Path) -> None:
+    from simulations import models
+
+    (tmp_path / "data").mkdir()
+    data = _images(tmp_path / "data", 40)
+    out = tmp_path / "zoo"
+    cfg = paper.FederationConfig(rounds=2, local_epochs=1, batch_size=2, lr=0.5,
+                                 patch_size=16)
+    for name in ("dsmil", "sparse-mil"):
+        paper.run_row("central", data, out / name, cfg.model_copy(update={"model": name}),
+                      folds=2, repeats=1, epsilon=None)
+    summary = json.loads((out / "dsmil" / "central.json").read_text())
+    assert summary["config"]["model"] == "dsmil"
+    results = tmp_path / "RESULTS.md"
+    results.write_text(f"x\n{models.START}\nOLD\n{models.END}\ny\n")
+    text = models.table(out, results)
+    assert "| `dsmil` |" in text and "| `sparse-mil` |" in text and "2 x 1" in text
+    assert "OLD" not in results.read_text()
+    with pytest.raises(SystemExit):  # an unknown model fails before any work
+        models.main(["--data", str(data), "--out", str(out), "--models", "nope"])

@@ -1,0 +1,104 @@
+"""The model zoo on UCSB under the paper table's protocol: one row per model and setting.
+
+    python -m simulations.models --data ../shared/data/ucsb-breast --out results/models
+        [--models all] [--rows central federated dp] [--epsilon 8] [--folds 10 --repeats 5]
+    python -m simulations.models table --out results/models --results docs/RESULTS.md
+
+Every model of the registry's ``bags`` kind is trained with the settings of
+``configs/ucsb-paper.toml`` (only the model changes) on the same cross-validation folds
+as ``simulations.paper``: centrally, federated over 5 hospitals, and federated with DP at
+``--epsilon`` per hospital, through the one engine (``common.fedavg.run_inprocess``:
+the product's reply checks, aggregation and records). Rows are kept per model in
+``OUT/MODEL/ROW.json``; ``table`` writes the markdown table between the
+``<!-- models-table:start/end -->`` markers of ``--results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from common.config import FederationConfig, load_config_file
+from simulations.paper import CONFIG, check_data, protocol_arguments, run_row
+
+ROWS = ("central", "federated", "dp")
+START, END = "<!-- models-table:start -->", "<!-- models-table:end -->"
+
+
+def _cell(summary: dict[str, Any], metric: str) -> str:
+    mean, sd = summary[metric]
+    return f"{mean:.3f} ± {sd:.3f}"
+
+
+def table(out: Path, results_md: Path | None) -> str:
+    """One line per model: accuracy and AUC of each row, folds x repeats, the best."""
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    for path in sorted(out.glob("*/*.json")):
+        summary = json.loads(path.read_text())
+        rows.setdefault(path.parent.name, {})[summary["row"]] = summary
+    dp_eps = {s["epsilon"] for r in rows.values() for s in r.values() if s["dp"]}
+    eps = f" (eps {', '.join(f'{e:g}' for e in sorted(dp_eps))})" if dp_eps else ""
+    lines = [f"| model | central AUC | federated AUC | federated + DP{eps} AUC | central acc "
+             "| federated acc | federated + DP acc | folds x repeats |",
+             "|---|---|---|---|---|---|---|---|"]
+    def rank(model: str) -> float:  # best first: by the DP row, else the next available
+        r = rows[model]
+        return -next((r[row]["auc"][0] for row in ("dp", "federated", "central") if row in r),
+                     0.0)
+
+    for model in sorted(rows, key=rank):
+        r = rows[model]
+        runs = {f"{s['folds']} x {s['repeats']}" for s in r.values()}
+        cells = [(_cell(r[row], "auc") if row in r else "") for row in ROWS]
+        cells += [(_cell(r[row], "accuracy") if row in r else "") for row in ROWS]
+        lines.append(f"| `{model}` | " + " | ".join(cells) + f" | {', '.join(sorted(runs))} |")
+    text = "\n".join(lines)
+    if results_md is not None:
+        doc = results_md.read_text()
+        if START not in doc or END not in doc:
+            raise SystemExit(f"{results_md}: no {START} ... {END} block to replace")
+        head, rest = doc.split(START, 1)
+        results_md.write_text(f"{head}{START}\n{text}\n{END}{rest.split(END, 1)[1]}")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    from common.models import models_of_kind
+
+    parser = argparse.ArgumentParser(prog="python -m simulations.models",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", nargs="?", choices=["run", "table"], default="run")
+    protocol_arguments(parser, "results/models")
+    parser.add_argument("--models", nargs="+", default=["all"],
+                        help="model names, or all (every bag model)")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--epsilon", type=float, default=8.0, help="per-hospital budget (dp)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.command == "table":
+        print(table(args.out, args.results))
+        return 0
+    data = check_data(parser, args.data)
+    known = models_of_kind("bags")
+    names = known if args.models == ["all"] else args.models
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        parser.error(f"--models: {', '.join(unknown)}: not a bag model; known: "
+                     f"{', '.join(known)}")
+    base = FederationConfig.from_mapping(load_config_file(CONFIG), str(CONFIG))
+    for name in names:
+        cfg = base.model_copy(update={"model": name})
+        for row in args.rows:
+            summary = run_row(row, data, args.out / name, cfg, args.folds, args.repeats,
+                              args.epsilon)
+            print(f"{name} {row}: accuracy {_cell(summary, 'accuracy')}, AUC "
+                  f"{_cell(summary, 'auc')} ({len(summary['results'])} runs, "
+                  f"{summary['wall_s']} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
