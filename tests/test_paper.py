@@ -107,3 +107,18 @@ def test_model_zoo_table_has_a_row_per_model(tmp_path: Path) -> None:
     assert "OLD" not in results.read_text()
     with pytest.raises(SystemExit):  # an unknown model fails before any work
         models.main(["--data", str(data), "--out", str(out), "--models", "nope"])
+
+
+def test_abstention_table_compares_mc_dropout_with_plain_confidence(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from simulations import abstention
+
+    (tmp_path / "data").mkdir()
+    data = _images(tmp_path / "data", 40)
+    assert abstention.main(["--data", str(data), "--out", str(tmp_path / "ab"), "--folds",
+                            "2", "--repeats", "2", "--passes", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "| MC dropout (4 passes) |" in text and "| no abstention |" in text
+    result = json.loads((tmp_path / "ab" / "abstention.json").read_text())
+    assert all(len(v) == 2 and all(0 <= a <= 1 for a in v)
+               for v in result["accuracy"].values())
