@@ -44,10 +44,9 @@ def table(out: Path, results_md: Path | None) -> str:
     lines = [f"| model | central AUC | federated AUC | federated + DP{eps} AUC | central acc "
              "| federated acc | federated + DP acc | folds x repeats |",
              "|---|---|---|---|---|---|---|---|"]
-    def rank(model: str) -> float:  # best first: by the DP row, else the next available
+    def rank(model: str) -> tuple[int, float]:  # best DP row first; models without it last
         r = rows[model]
-        return -next((r[row]["auc"][0] for row in ("dp", "federated", "central") if row in r),
-                     0.0)
+        return ("dp" not in r, -r["dp"]["auc"][0] if "dp" in r else 0.0)
 
     for model in sorted(rows, key=rank):
         r = rows[model]
