@@ -122,7 +122,9 @@ def test_mil_vmap_per_bag_gradients_match_one_bag_at_a_time(name: str) -> None:
     from common.training import _vmap_grad_samples
 
     torch.manual_seed(0)
-    model = build_model(name, in_dim=12)
+    # eval mode: training-time randomness (dropout, ACMIL's masking) is drawn per bag but
+    # differently in the two computations; without it they must agree exactly
+    model = build_model(name, in_dim=12).eval()
     x, mask, y = _bags()
     _vmap_grad_samples(model, [x, mask, y])
     per_bag = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
@@ -207,3 +209,17 @@ def test_each_bag_model_trains_in_a_tiny_dp_federation(name: str, tmp_path) -> N
     set_weights(again, result.weights)
     x, mask, _ = _bags(d=32)
     assert torch.allclose(fresh.eval().scores(x, mask), again.eval().scores(x, mask))
+
+
+def test_acmil_masks_top_instances_only_in_training() -> None:
+    torch.manual_seed(0)
+    model = build_model("acmil", in_dim=12, top_k=3, mask_prob=1.0)
+    x, mask, y = _bags()
+    model.eval()
+    assert torch.equal(model(x, mask).attention, model(x, mask).attention)
+    model.train()
+    logits, _, attention = model._parts(x, mask)
+    masked = (attention == 0) & mask.unsqueeze(1)  # real instances the masking hid
+    assert masked.any() and (attention.sum(-1) - 1).abs().max() < 1e-5
+    assert torch.isfinite(model.sample_losses(x, mask, y)).all()
+

@@ -86,11 +86,24 @@ def run(tree: Path, script: str, timeout: float = 900) -> str:
         done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script], cwd=tree,
                               env=env, capture_output=True, text=True, timeout=timeout)
     finally:  # Flower's local SuperLink outlives `flwr run`; stop it as the README says
-        subprocess.run(["pkill", "-f", f"flower-superlink.*{tree.parent / 'flwr-home'}"],
-                       check=False)
+        _stop_local_superlink(tree.parent / "flwr-home")
     out = done.stdout + done.stderr
     assert done.returncode == 0, f"{script}\nexited {done.returncode}:\n{out[-4000:]}"
     return out
+
+
+def _stop_local_superlink(flwr_home: Path) -> None:
+    """End the SuperLink `flwr run` left running for this FLWR_HOME (its SuperExec follows)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "flower-superlink" in cmdline and str(flwr_home) in cmdline:
+            try:
+                os.kill(int(proc.name), 15)
+            except OSError:
+                pass
 
 
 def final_command(block: str) -> str:

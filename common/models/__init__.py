@@ -45,6 +45,11 @@ MODELS: dict[str, ModelSpec] = {
     "sparse-mil": ModelSpec("common.models.sparse_mil:sparse_mil", "bags",
                             "sparsemax selection of key patches, classified alone (the "
                             "seed's SS-MIL)", {**_MIL_OPTIONS, "temperature": 1.0}),
+    "acmil": ModelSpec("common.models.acmil:acmil", "bags",
+                       "attention-challenging MIL: 5 attention branches, stochastic top-k "
+                       "masking (Zhang et al. 2024)",
+                       {**_MIL_OPTIONS, "branches": 5, "top_k": 10, "mask_prob": 0.6,
+                        "diversity": 0.1}),
     "residual-patch-cnn": ModelSpec("common.models.patch_cnn:residual_patch_cnn", "patches",
                                     "the seed's residual patch CNN (GroupNorm)", {}),
 }
