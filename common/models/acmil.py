@@ -4,7 +4,8 @@ Instance Learning for Whole Slide Image Classification*, ECCV 2024).
 Attention-MIL over-fits to a few salient patches. ACMIL counters it twice: *multiple
 branch attention* (``branches`` gated-attention heads, each pooling the bag and
 classified on its own, kept apart by a penalty on the cosine similarity of their
-attention maps) and *stochastic top-k instance masking* (in training, each branch's ``k``
+attention maps; each branch has its own classifier) and *stochastic top-k instance
+masking* (in training, each branch's ``k``
 most attended instances are masked with probability ``mask_prob``, so the model must find
 evidence elsewhere). The bag is classified from the mean of the branches' attention.
 Masking draws fresh randomness per bag, so DP's per-bag gradients (``torch.func`` with
@@ -49,7 +50,7 @@ class ACMIL(BagClassifier):
         self.attention_v = nn.Sequential(nn.Linear(hidden_dim, attention_dim), nn.Tanh())
         self.attention_u = nn.Sequential(nn.Linear(hidden_dim, attention_dim), nn.Sigmoid())
         self.attention_w = nn.Linear(attention_dim, branches)
-        self.branch_classifier = nn.Linear(hidden_dim, 1)
+        self.branch_classifier = nn.Linear(hidden_dim, branches)  # row m: branch m's
         self.classifier = nn.Linear(hidden_dim, 1)
 
     def _parts(self, features: torch.Tensor, mask: torch.Tensor | None
@@ -72,7 +73,7 @@ class ACMIL(BagClassifier):
             keep = keep & ~hidden
         attention = masked_softmax(raw, keep)  # [B, M, N]
         pooled = torch.einsum("bmn,bnh->bmh", attention, h)
-        branch_logits = self.branch_classifier(pooled).squeeze(-1)  # [B, M]
+        branch_logits = self.branch_classifier(pooled).diagonal(dim1=1, dim2=2)  # [B, M]
         mean_attention = attention.mean(dim=1)
         bag = torch.einsum("bn,bnh->bh", mean_attention, h)
         return self.classifier(bag).squeeze(-1), branch_logits, attention
