@@ -1,4 +1,4 @@
-"""Does MC dropout know when it is wrong? Accuracy at a coverage, on UCSB, by fold.
+"""Does MC dropout know when it is wrong? Accuracy at a coverage, on UCSB.
 
     python -m simulations.abstention --data ../shared/data/ucsb-breast --out results/abstention
         [--model gated-attention-mil] [--dropout 0.25] [--passes 20] [--coverage 0.9]

@@ -1,8 +1,10 @@
-"""Attention-based multiple-instance learning (Ilse, Tomczak and Welling, ICML 2018).
+"""The MIL base every bag model shares, and attention-MIL (Ilse, Tomczak and Welling 2018).
 
 A bag (slide) is ``features[N, D]`` of its instances (patches); batches are padded to a
 common ``N`` and carry ``mask[B, N]`` (True for real instances). One bag is one sample for
-DP-SGD, so every layer acts per bag and Opacus' per-sample gradients are per slide.
+DP-SGD, so every layer acts per bag and per-sample gradients are per slide.
+:class:`BagClassifier` (losses, scores, instance scores), :func:`masked_softmax` and
+:class:`GatedAttention` are the pieces the other models of :mod:`common.models` build on.
 """
 
 from __future__ import annotations
