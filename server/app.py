@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from flwr.app import Context
@@ -14,6 +15,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import FederationConfig
 from server.federation import run_federation
+
+LOG_LEVEL_ENV = "PATHFED_LOG_LEVEL"
+"""``DEBUG`` in the server's environment also streams Flower's debug lines (each SecAgg+
+stage, each message) to ``flwr run``, for troubleshooting a deployment."""
 
 
 def _show_pathfed_log() -> None:
@@ -23,13 +28,19 @@ def _show_pathfed_log() -> None:
     """
     if logging.getLogger().handlers:
         return
+    debug = os.environ.get(LOG_LEVEL_ENV, "").strip().upper() == "DEBUG"
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     for name in ("server", "common"):
         logger = logging.getLogger(name)
-        logger.setLevel(logging.INFO)
+        logger.setLevel(logging.DEBUG if debug else logging.INFO)
         logger.addHandler(handler)
         logger.propagate = False
+    if debug:  # Flower's own handler prints INFO and up; its DEBUG lines only here
+        flower = logging.StreamHandler(sys.stdout)
+        flower.addFilter(lambda record: record.levelno < logging.INFO)
+        flower.setFormatter(handler.formatter)
+        logging.getLogger("flwr").addHandler(flower)
 
 
 def make_server_app(cfg: FederationConfig | None = None) -> ServerApp:

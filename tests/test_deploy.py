@@ -173,6 +173,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     images = _image_folder(root / "delta-images")
     procs: dict[str, subprocess.Popen[Any]] = {}
     timings: dict[str, float] = {}
+    # the kill triggers below wait for Flower's SecAgg+ stage lines, logged at DEBUG
+    os.environ["PATHFED_LOG_LEVEL"] = "DEBUG"
     rogue: dict[str, str] = {}
     cfg = FederationConfig(sites=3, rounds=4, out=str(root / "run"), run_id="scenario",
                            timeout=45, seed=11, keys=str(consortium.ledger_keys))
@@ -232,6 +234,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
              str(consortium.root), "--out", str(root / "mismatch"), "--set", "timeout=20"],
             capture_output=True, text=True, timeout=600)
     finally:
+        os.environ.pop("PATHFED_LOG_LEVEL", None)
         for proc in procs.values():
             stop_process(proc)
     (root / "timings.json").write_text(json.dumps(timings))
