@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         mc = mc_dropout(model, tuple(inputs), passes=args.passes, seed=k)
         pooled.setdefault(k // args.folds, []).append(
             (labels_t.numpy() > 0.5, plain, mc.probability, mc.uncertainty))
-    rows: dict[str, list[float]] = {"no abstention": [], "confidence |p - 0.5|": [],
+    rows: dict[str, list[float]] = {"no abstention": [], "confidence (distance of p from 0.5)": [],
                                     f"MC dropout ({args.passes} passes)": []}
     for parts in pooled.values():  # every image of a repeat, tested by its fold's model
         labels, plain, prob, spread = (np.concatenate(x) for x in zip(*parts))
