@@ -28,6 +28,18 @@ def _images(folder: Path, n: int) -> Path:
     return folder
 
 
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """40 small labelled images in 5 groups."""
+    (tmp_path / "data").mkdir()
+    return _images(tmp_path / "data", 40)
+
+
+def _tiny(rounds: int = 3) -> paper.FederationConfig:
+    return paper.FederationConfig(rounds=rounds, local_epochs=1, batch_size=2, lr=0.5,
+                                  patch_size=16)
+
+
 def test_cv_folds_partition_each_repeat_and_stratify() -> None:
     labels = np.array([0] * 32 + [1] * 26)
     tests = paper.cv_folds(labels, folds=10, repeats=2, seed=0)
@@ -40,12 +52,8 @@ def test_cv_folds_partition_each_repeat_and_stratify() -> None:
     assert not np.array_equal(tests[0], tests[10])  # repeats reshuffle
 
 
-def test_rows_run_on_the_same_folds_and_make_the_table(tmp_path: Path) -> None:
-    (tmp_path / "data").mkdir()
-    data = _images(tmp_path / "data", 40)
-    out = tmp_path / "out"
-    cfg = paper.FederationConfig(rounds=3, local_epochs=1, batch_size=2, lr=0.5,
-                                 patch_size=16)
+def test_rows_run_on_the_same_folds_and_make_the_table(tmp_path: Path, images: Path) -> None:
+    data, out, cfg = images, tmp_path / "out", _tiny()
     central = paper.run_row("central", data, out, cfg, folds=2, repeats=1, epsilon=None)
     dp = paper.run_row("dp", data, out, cfg, folds=2, repeats=1, epsilon=3.0)
     alone = paper.run_row("hospitals", data, out, cfg, folds=2, repeats=1, epsilon=None)
@@ -87,14 +95,10 @@ def test_secagg_row_runs_through_flower(tmp_path: Path) -> None:
     assert again["results"] == row["results"]
 
 
-def test_model_zoo_table_has_a_row_per_model(tmp_path: Path) -> None:
+def test_model_zoo_table_has_a_row_per_model(tmp_path: Path, images: Path) -> None:
     from simulations import models
 
-    (tmp_path / "data").mkdir()
-    data = _images(tmp_path / "data", 40)
-    out = tmp_path / "zoo"
-    cfg = paper.FederationConfig(rounds=2, local_epochs=1, batch_size=2, lr=0.5,
-                                 patch_size=16)
+    data, out, cfg = images, tmp_path / "zoo", _tiny(rounds=2)
     for name in ("dsmil", "sparse-mil"):
         paper.run_row("central", data, out / name, cfg.model_copy(update={"model": name}),
                       folds=2, repeats=1, epsilon=None)
@@ -110,12 +114,10 @@ def test_model_zoo_table_has_a_row_per_model(tmp_path: Path) -> None:
 
 
 def test_abstention_table_compares_mc_dropout_with_plain_confidence(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, images: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from simulations import abstention
 
-    (tmp_path / "data").mkdir()
-    data = _images(tmp_path / "data", 40)
-    assert abstention.main(["--data", str(data), "--out", str(tmp_path / "ab"), "--folds",
+    assert abstention.main(["--data", str(images), "--out", str(tmp_path / "ab"), "--folds",
                             "2", "--repeats", "2", "--passes", "4"]) == 0
     text = capsys.readouterr().out
     assert "| MC dropout (4 passes) |" in text and "| no abstention |" in text
