@@ -41,6 +41,15 @@ class _Slide:
     group: str
 
 
+def site_slides(groups: list[str], n_sites: int) -> list[list[int]]:
+    """The slides (indices into ``groups``) of each of ``n_sites`` hospitals, formed from
+    whole groups (one hospital: all of them)."""
+    if n_sites == 1:
+        return [list(range(len(groups)))]
+    items = [_Slide(i, group) for i, group in enumerate(groups)]
+    return [[item.index for item in site] for site in assign_sites(items, n_sites)]
+
+
 def load_h5_bags(folder: str | Path, labels_csv: str | Path | None = None,
                  warn_missing: bool = True) -> H5Bags:
     """Bags (``features`` of each slide's HDF5 file) and labels of a prepared folder.
@@ -121,9 +130,7 @@ def h5_folder_site(folder: str | Path, index: int, n_sites: int, seed: int = 0,
                    val_fraction: float = 0.3) -> SiteData:
     """Site ``index`` of a prepared folder split into ``n_sites`` hospitals by group."""
     data = load_h5_bags(folder, warn_missing=False)
-    items = [_Slide(i, group) for i, group in enumerate(data.groups)]
-    chosen = items if n_sites == 1 else assign_sites(items, n_sites)[index]
-    idx = [item.index for item in chosen]
+    idx = site_slides(data.groups, n_sites)[index]
     if not idx:
         raise DataError(f"{folder}: site-{index} has no slide with features")
     patients = [data.patients[i] for i in idx]

@@ -157,14 +157,10 @@ def check_source(data: str | None, n_sites: int) -> DataSource:
     source = detect_source(data)
     counts: list[int] = []
     if source.kind == "features":
-        from common.data.h5 import load_h5_bags
-        from common.data.labels import assign_sites
+        from common.data.h5 import load_h5_bags, site_slides
 
         assert source.path is not None
-        bags = load_h5_bags(source.path)
-        counts = ([len(bags.bags)] if n_sites == 1 else
-                  [len(site) for site in assign_sites([_Grouped(g) for g in bags.groups],
-                                                      n_sites)])
+        counts = [len(site) for site in site_slides(load_h5_bags(source.path).groups, n_sites)]
     elif source.kind == "images":
         from common.data.images import read_image, read_labels
         from common.data.labels import assign_sites
@@ -196,11 +192,6 @@ def check_source(data: str | None, n_sites: int) -> DataSource:
     log.info("data: %s, %d site%s%s", source.describe(), n_sites, "s" * (n_sites != 1),
              per_site)
     return source
-
-
-@dataclass(frozen=True)
-class _Grouped:
-    group: str
 
 
 __all__ = ["DataSource", "SourceKind", "check_source", "detect_source", "feature_dim",
