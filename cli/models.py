@@ -11,7 +11,8 @@ def add_parser(sub: Any) -> None:
     """Register ``models``."""
     p = sub.add_parser("models", help="list the models (with kind and options) and encoders",
                        description="List every registered model (its kind: bags of "
-                       "features or image patches, and its options) and every patch encoder.")
+                       "features, multi-scale bags of regions or image patches, and its "
+                       "options) and every patch encoder.")
     p.add_argument("--json", action="store_true", help="as JSON")
     p.set_defaults(func=_cmd_models)
 
@@ -31,7 +32,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     print("models (--set model=NAME --set model-options=NAME=VALUE,...):")
     for name, m in models.items():
         options = ", ".join(f"{k}={v}" for k, v in m["options"].items()) or "-"
-        print(f"  {name:<22} {m['kind']:<8} {m['summary']}  [options: {options}]")
+        print(f"  {name:<22} {m['kind']:<10} {m['summary']}  [options: {options}]")
     print("encoders (pathfed prepare --encoder NAME, --set encoder=NAME):")
     for name, e in encoders.items():
         norm = "ImageNet mean/std" if e["normalisation"] else "raw pixels"

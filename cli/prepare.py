@@ -22,8 +22,10 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("slides_dir", metavar="SLIDES_DIR", help="folder of slides or images")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder")
-    p.add_argument("--mpp", type=float, default=0.5, help="microns per pixel of the patches "
-                   "(default 0.5, i.e. 20x)")
+    p.add_argument("--mpp", type=_scales, default=(0.5,), metavar="MPP[,MPP...]",
+                   help="microns per pixel of the patches (default 0.5, i.e. 20x); two or "
+                   "three scales, finest first (e.g. 0.5,2.0), write multi-scale features: "
+                   "each coarser patch embedded too, each finest patch linked to it")
     p.add_argument("--patch-size", type=int, default=256, metavar="PX",
                    help="patch side in pixels (default 256)")
     p.add_argument("--encoder", default="color-texture", metavar="NAME",
@@ -47,6 +49,17 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=_cmd_prepare)
 
 
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give microns per pixel, e.g. 0.5 or "
+                                         "0.5,2.0") from None
+    if not scales:
+        raise argparse.ArgumentTypeError("give at least one scale, e.g. 0.5")
+    return scales
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from common.logs import setup_logging
 
@@ -56,7 +69,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from common.wsi.extract import prepare
 
     summary = prepare(
-        args.slides_dir, args.out, mpp=args.mpp, patch_size=args.patch_size,
+        args.slides_dir, args.out, mpp=args.mpp[0], context_mpp=args.mpp[1:],
+        patch_size=args.patch_size,
         encoder=args.encoder, weights=args.weights, workers=args.workers,
         tissue_threshold=args.tissue_threshold, overlap=args.overlap,
         slide_mpp=args.slide_mpp, progress=not args.no_progress, device=args.device,

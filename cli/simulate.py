@@ -49,8 +49,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"out": str(default_run_dir())})
     setup_logging(args.verbose)
     from common.data.sources import check_source
+    from common.models import model_spec
 
-    check_source(cfg.data, cfg.sites)
+    check_source(cfg.data, cfg.sites, multiscale=model_spec(cfg.model).kind == "multiscale")
     from simulations.simulate import simulate
 
     start = time.perf_counter()

@@ -20,6 +20,7 @@ from torch.utils.data import TensorDataset
 from common.checks import update_bound, update_problem
 from common.config import FederationConfig
 from common.data import SiteData, load_site
+from common.data.multiscale import Layout
 from common.errors import ConfigError, PathFedError, PrivacyBudgetExhausted
 from common.metrics import EvalCounts
 from common.models import build_model
@@ -30,17 +31,20 @@ log = logging.getLogger(__name__)
 
 
 def model_kind(cfg: FederationConfig) -> str:
-    """The declared kind of ``cfg.model`` (``bags`` or ``patches``): it picks the data path."""
+    """The declared kind of ``cfg.model`` (``bags``, ``multiscale`` or ``patches``): it
+    picks the data path."""
     from common.models import model_spec
 
     return model_spec(cfg.model).kind
 
 
-def feature_dim(cfg: FederationConfig) -> int:
-    """Instance feature size of the configured data (for building the model)."""
-    from common.data.sources import feature_dim as source_feature_dim
+def feature_layout(cfg: FederationConfig) -> Layout:
+    """Instance feature size (and children per region, for a multi-scale model) of the
+    configured data, for building the model."""
+    from common.data.sources import feature_layout as source_layout
 
-    return source_feature_dim(cfg.data, cfg.patch_size, cfg.encoder)
+    return source_layout(cfg.data, cfg.patch_size, cfg.encoder,
+                         multiscale=model_kind(cfg) == "multiscale")
 
 
 def initial_model(cfg: FederationConfig) -> torch.nn.Module:
@@ -53,14 +57,22 @@ def initial_model(cfg: FederationConfig) -> torch.nn.Module:
         raise ConfigError(f"model-options of {cfg.model!r}: {err}") from None
 
 
-def model_kwargs(cfg: FederationConfig, in_dim: int | None = None) -> dict[str, Any]:
-    """Constructor arguments of ``cfg.model`` for this data."""
+def model_kwargs(cfg: FederationConfig, layout: Layout | int | None = None) -> dict[str, Any]:
+    """Constructor arguments of ``cfg.model`` for data of ``layout`` (a feature size for
+    single-scale data; the configured data's by default)."""
     from common.models import parse_model_options
 
     options = parse_model_options(cfg.model, cfg.model_options)
-    if model_kind(cfg) == "patches":
+    kind = model_kind(cfg)
+    if kind == "patches":
         return {"patch_size": cfg.patch_size, **options}
-    return {"in_dim": in_dim if in_dim is not None else feature_dim(cfg), **options}
+    if layout is None:
+        layout = feature_layout(cfg)
+    elif isinstance(layout, int):
+        layout = Layout(layout)
+    if kind == "multiscale":
+        return {"in_dim": layout.dim, "children": layout.children, **options}
+    return {"in_dim": layout.dim, **options}
 
 
 def _seed(*parts: object) -> int:
@@ -121,6 +133,7 @@ class Site:
         self.data: SiteData = load_site(
             share, shares, source, cfg.seed, cfg.val_fraction,
             cfg.synthetic_bags, cfg.patch_size, "" if self.patches else cfg.encoder,
+            model_kind(cfg) == "multiscale",
         )
         self._check_data(source)
         # One DP sample is one patient when the data names patients, else one slide.
@@ -241,7 +254,7 @@ class Site:
         return True
 
     def _model(self, weights: NDArrays) -> torch.nn.Module:
-        kwargs = model_kwargs(self.cfg, self.data.train.dim)
+        kwargs = model_kwargs(self.cfg, self.data.train.layout)
         model = build_model(self.cfg.model, **kwargs)
         own = [tuple(v.shape) for v in model.state_dict().values()]
         got = [tuple(np.shape(w)) for w in weights]
@@ -327,4 +340,4 @@ class Site:
         return counts, metrics
 
 
-__all__ = ["PrivacyBudgetExhausted", "Site", "SiteReport", "feature_dim", "initial_model"]
+__all__ = ["PrivacyBudgetExhausted", "Site", "SiteReport", "feature_layout", "initial_model"]

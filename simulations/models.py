@@ -4,7 +4,7 @@
         [--models all] [--rows central federated dp] [--epsilon 8] [--folds 10 --repeats 5]
     python -m simulations.models table --out results/models --results docs/RESULTS.md
 
-Every model of the registry's ``bags`` kind is trained with the settings of
+Every bag model of the registry (kinds ``bags`` and ``multiscale``) is trained with the settings of
 ``configs/ucsb-paper.toml`` (only the model changes) on the same cross-validation folds
 as ``simulations.paper``: centrally, federated over 5 hospitals, and federated with DP at
 ``--epsilon`` per hospital, through the one engine (``common.fedavg.run_inprocess``:
@@ -66,6 +66,7 @@ def table(out: Path, results_md: Path | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from common.models import models_of_kind
+    from common.models.base import BAG_KINDS
 
     parser = argparse.ArgumentParser(prog="python -m simulations.models",
                                      description=__doc__.split("\n\n")[0])
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(args.out, args.results))
         return 0
     data = check_data(parser, args.data)
-    known = models_of_kind("bags")
+    known = models_of_kind(*BAG_KINDS)
     names = known if args.models == ["all"] else args.models
     unknown = [name for name in names if name not in known]
     if unknown:

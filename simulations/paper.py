@@ -66,29 +66,35 @@ class Embedded:
     labels: np.ndarray
     names: list[str]
     hospital: np.ndarray
+    children: int = 0
+    """Children per region of multi-scale bags (:mod:`common.data.multiscale`); 0 else."""
 
 
-def embed(data: Path, out: Path, patch_size: int, encoder: str) -> Embedded:
-    """Embed the images once (cached in ``out``) and place them in 5 hospitals."""
-    from common.data.images import assign_sites, embed_images, read_labels
+def embed(data: Path, out: Path, patch_size: int, encoder: str,
+          multiscale: bool = False) -> Embedded:
+    """Embed the images once (cached in ``out``) and place them in 5 hospitals; with
+    ``multiscale``, as bags of regions (:func:`common.data.images.embed_images`)."""
+    from common.data.images import CONTEXT_FACTOR, assign_sites, embed_images, read_labels
 
     items = read_labels(data)
     hospital_of = {item.path.name: h
                    for h, site in enumerate(assign_sites(items, HOSPITALS)) for item in site}
-    cache = out / f"bags-{encoder}-{patch_size}px.npz"
+    children = CONTEXT_FACTOR ** 2 if multiscale else 0
+    scales = f"-regions{CONTEXT_FACTOR}x" if multiscale else ""
+    cache = out / f"bags-{encoder}-{patch_size}px{scales}.npz"
     if cache.exists():
         with np.load(cache, allow_pickle=False) as z:
             lengths, names = z["lengths"], [str(n) for n in z["names"]]
             bags = list(np.split(z["features"], np.cumsum(lengths)[:-1]))
             labels = z["labels"]
     else:
-        bags, kept, _ = embed_images(items, patch_size, encoder)
+        bags, kept, _ = embed_images(items, patch_size, encoder, multiscale)
         names = [item.path.name for item in kept]
         labels = np.array([item.label for item in kept], dtype=np.int64)
         out.mkdir(parents=True, exist_ok=True)
         np.savez(cache, features=np.concatenate(bags),
                  lengths=np.array([len(b) for b in bags]), names=np.array(names), labels=labels)
-    return Embedded(bags, labels, names, np.array([hospital_of[n] for n in names]))
+    return Embedded(bags, labels, names, np.array([hospital_of[n] for n in names]), children)
 
 
 def cv_folds(labels: np.ndarray, folds: int, repeats: int, seed: int) -> list[np.ndarray]:
@@ -108,7 +114,7 @@ def cv_folds(labels: np.ndarray, folds: int, repeats: int, seed: int) -> list[np
 def _bagset(emb: Embedded, sel: np.ndarray) -> BagSet:
     idx = np.flatnonzero(sel)
     return BagSet(tuple(emb.bags[i] for i in idx), emb.labels[idx],
-                  tuple(emb.names[i] for i in idx))
+                  tuple(emb.names[i] for i in idx), children=emb.children)
 
 
 def write_fold(emb: Embedded, test: np.ndarray, folder: Path) -> None:
@@ -133,9 +139,10 @@ def test_metrics(cfg: FederationConfig, weights: list[np.ndarray], emb: Embedded
     from common.site import model_kwargs
     from common.training import set_weights
 
-    model = build_model(cfg.model, **model_kwargs(cfg, emb.bags[0].shape[1]))
+    bagset = _bagset(emb, test)
+    model = build_model(cfg.model, **model_kwargs(cfg, bagset.layout))
     set_weights(model, weights)
-    data = _bagset(emb, test).to_dataset()
+    data = bagset.to_dataset()
     with torch.no_grad():
         model.eval()
         *inputs, labels = data.tensors
@@ -201,7 +208,9 @@ def run_row(row: str, data: Path, out: Path, cfg: FederationConfig, folds: int, 
     """Train and test ``row`` on every fold; the per-fold results."""
     from rich.progress import Progress
 
-    emb = embed(data, out, cfg.patch_size, cfg.encoder)
+    from common.site import model_kind
+
+    emb = embed(data, out, cfg.patch_size, cfg.encoder, model_kind(cfg) == "multiscale")
     tests = cv_folds(emb.labels, folds, repeats, cfg.seed)
     dp = row in ("dp", "dp-secagg")
     cfg = cfg.model_copy(update={

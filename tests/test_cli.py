@@ -162,7 +162,9 @@ def test_models_lists_every_model_with_its_kind() -> None:
     r = pathfed("models", "--json")
     listed = json.loads(r.stdout)
     assert r.returncode == 0 and set(listed["models"]) == set(MODELS)
-    assert {m["kind"] for m in listed["models"].values()} == {"bags", "patches"}
+    from common.models.base import KINDS
+
+    assert {m["kind"] for m in listed["models"].values()} == set(KINDS)
     assert {"color-texture", "resnet-tiny", "patch-cnn"} <= set(listed["encoders"])
     assert listed["encoders"]["color-texture"] == {
         "summary": listed["encoders"]["color-texture"]["summary"], "weights": "none",

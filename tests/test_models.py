@@ -9,18 +9,11 @@ from opacus.validators import ModuleValidator
 
 from common.errors import UnknownModelError
 from common.models import MODELS, MILOutput, build_model, models_of_kind
+from common.models.base import BAG_KINDS
+from tests._bags import bags as _bags
+from tests._bags import build
 
-MIL_MODELS = models_of_kind("bags")  # by declared kind, never by name
-
-
-def _bags(b: int = 5, n: int = 9, d: int = 12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(b, n, d, generator=g)
-    mask = torch.ones(b, n, dtype=torch.bool)
-    for i in range(b):
-        mask[i, n - i:] = False  # different real lengths, as padded bags have
-    y = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0])[:b]
-    return x, mask, y
+MIL_MODELS = models_of_kind(*BAG_KINDS)  # by declared kind, never by name
 
 
 def test_unknown_model_lists_known_ones() -> None:
@@ -32,15 +25,15 @@ def test_unknown_model_lists_known_ones() -> None:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_models_pass_opacus_strict_validation(name: str) -> None:
-    model = build_model(name, in_dim=12)
+    model = build(name) if MODELS[name].kind in BAG_KINDS else build_model(name)
     ModuleValidator.validate(model, strict=True)
     assert not ModuleValidator.validate(model, strict=False)
 
 
 @pytest.mark.parametrize("name", MIL_MODELS)
 def test_output_shapes_and_attention(name: str) -> None:
-    x, mask, _ = _bags()
-    out = build_model(name, in_dim=12)(x, mask)
+    x, mask, _ = _bags(name)
+    out = build(name)(x, mask)
     assert isinstance(out, MILOutput)
     assert out.logits.shape == (5,) and out.attention.shape == (5, 9)
     assert torch.allclose(out.attention.sum(1), torch.ones(5))
@@ -50,22 +43,22 @@ def test_output_shapes_and_attention(name: str) -> None:
 @pytest.mark.parametrize("name", MIL_MODELS)
 def test_padding_does_not_change_a_bag(name: str) -> None:
     torch.manual_seed(1)
-    model = build_model(name, in_dim=12).eval()
-    x, mask, _ = _bags()
+    model = build(name).eval()
+    x, mask, _ = _bags(name)
     padded = model(x, mask).logits
     alone = torch.stack([model(x[i : i + 1, mask[i]], None).logits[0] for i in range(5)])
     assert torch.allclose(padded, alone, atol=1e-6)
 
 
-HOOKS_MODELS = [n for n in MIL_MODELS if build_model(n, in_dim=4).opacus_hooks]
+HOOKS_MODELS = [n for n in MIL_MODELS if build(n, d=4).opacus_hooks]
 
 
 @pytest.mark.parametrize("name", HOOKS_MODELS)
 def test_per_sample_gradients_match_one_bag_at_a_time(name: str) -> None:
     """Opacus' hook-based per-sample gradients, for the models that declare they hold."""
     torch.manual_seed(0)
-    model = build_model(name, in_dim=12)
-    x, mask, y = _bags()
+    model = build(name)
+    x, mask, y = _bags(name)
     gsm = GradSampleModule(model, loss_reduction="sum")
     loss = torch.nn.functional.binary_cross_entropy_with_logits(gsm(x, mask).logits, y,
                                                                 reduction="sum")
@@ -124,8 +117,8 @@ def test_mil_vmap_per_bag_gradients_match_one_bag_at_a_time(name: str) -> None:
     torch.manual_seed(0)
     # eval mode: training-time randomness (dropout, ACMIL's masking) is drawn per bag but
     # differently in the two computations; without it they must agree exactly
-    model = build_model(name, in_dim=12).eval()
-    x, mask, y = _bags()
+    model = build(name).eval()
+    x, mask, y = _bags(name)
     _vmap_grad_samples(model, [x, mask, y])
     per_bag = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
     for i in range(len(y)):
@@ -138,10 +131,10 @@ def test_mil_vmap_per_bag_gradients_match_one_bag_at_a_time(name: str) -> None:
 def test_every_model_declares_a_kind_and_honours_the_contract() -> None:
     from common.models.base import KINDS, TrainableModel
 
-    assert set(models_of_kind("bags")) | set(models_of_kind("patches")) == set(MODELS)
+    assert set(models_of_kind(*KINDS)) == set(MODELS)
     for name, spec in MODELS.items():
         assert spec.kind in KINDS and spec.summary
-        model = build_model(name, **({"in_dim": 8} if spec.kind == "bags" else {}))
+        model = build(name, d=8) if spec.kind in BAG_KINDS else build_model(name)
         assert isinstance(model, TrainableModel), name
         assert model.per_sample_grads in ("vmap", "hooks")
 
@@ -149,9 +142,9 @@ def test_every_model_declares_a_kind_and_honours_the_contract() -> None:
 def test_every_bag_model_gives_instance_scores() -> None:
     from common.models.base import InstanceScorer
 
-    x, mask, _ = _bags()
     for name in MIL_MODELS:
-        model = build_model(name, in_dim=12).eval()
+        x, mask, _ = _bags(name)
+        model = build(name).eval()
         assert isinstance(model, InstanceScorer), name
         scores = model.instance_scores(x, mask)
         assert scores.shape == (5, 9) and (scores[~mask] == 0).all(), name
@@ -207,7 +200,7 @@ def test_each_bag_model_trains_in_a_tiny_dp_federation(name: str, tmp_path) -> N
     set_weights(fresh, list(load_checkpoint(latest[1]).values()))
     again = initial_model(cfg)
     set_weights(again, result.weights)
-    x, mask, _ = _bags(d=32)
+    x, mask, _ = _bags(name, d=32)  # the synthetic default's layout (4 children a region)
     assert torch.allclose(fresh.eval().scores(x, mask), again.eval().scores(x, mask))
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from common.models import build_model, models_of_kind
+from common.models.base import BAG_KINDS
 from common.uncertainty import (
     abstention_threshold,
     accuracy_at_coverage,
@@ -14,20 +15,17 @@ from common.uncertainty import (
     coverage_accuracy,
     mc_dropout,
 )
+from tests._bags import bags, build
 
 
-def _bags() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(6, 10, 8, generator=g), torch.ones(6, 10, dtype=torch.bool)
-
-
-@pytest.mark.parametrize("name", models_of_kind("bags"))
+@pytest.mark.parametrize("name", models_of_kind(*BAG_KINDS))
 def test_mc_dropout_spreads_only_with_dropout(name: str) -> None:
     torch.manual_seed(0)
-    x, mask = _bags()
+    x, _, _ = bags(name, b=6, n=10, d=8)
+    mask = torch.ones(6, 10, dtype=torch.bool)
     with pytest.raises(ValueError, match="dropout > 0"):
-        mc_dropout(build_model(name, in_dim=8), (x, mask), passes=5)
-    model = build_model(name, in_dim=8, dropout=0.5)
+        mc_dropout(build(name, d=8), (x, mask), passes=5)
+    model = build(name, d=8, dropout=0.5)
     pred = mc_dropout(model, (x, mask), passes=10)
     assert pred.probability.shape == (6,) and (pred.uncertainty > 0).any()
     again = mc_dropout(model, (x, mask), passes=10)

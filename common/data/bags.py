@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from common.data.multiscale import Layout
 from common.errors import DataError
 
 if TYPE_CHECKING:  # torch loads when a dataset is made, not when data is checked
@@ -33,6 +34,9 @@ class BagSet:
     instance_labels: tuple[np.ndarray, ...] | None = None
     """Per-instance (patch) labels from annotations, ``int64[N_i]`` per bag; None when the
     slide label is all there is."""
+    children: int = 0
+    """High-power patches per region of multi-scale bags (:mod:`common.data.multiscale`),
+    whose instances are regions; 0 for single-scale bags."""
 
     def __len__(self) -> int:
         return len(self.bags)
@@ -61,12 +65,28 @@ class BagSet:
         return BagSet(
             bags=tuple(np.concatenate([self.bags[i] for i in groups[p]]) for p in ids),
             labels=np.array([self.labels[groups[p]].max() for p in ids], dtype=np.int64),
-            names=ids, patients=ids,
+            names=ids, patients=ids, children=self.children,
         )
 
     @property
     def dim(self) -> int:
+        """Columns of an instance's row (the feature size of single-scale bags)."""
         return int(self.bags[0].shape[1]) if self.bags else 0
+
+    @property
+    def layout(self) -> Layout:
+        """Feature size per patch and children per region."""
+        return Layout.of_width(self.dim, self.children)
+
+    def high_power(self) -> BagSet:
+        """The single-scale bags of multi-scale ones: each slide's high-power patches."""
+        if not self.children:
+            return self
+        from common.data.multiscale import high_power
+
+        layout = self.layout
+        return BagSet(tuple(high_power(bag, layout) for bag in self.bags), self.labels,
+                      self.names, self.patients)
 
     def to_dataset(self, max_instances: int | None = None) -> TensorDataset:
         """Pad every bag to one length: ``(features[n, N, D], mask[n, N], labels[n])``.
@@ -134,6 +154,10 @@ class SiteData:
     def max_instances(self) -> int:
         return max((b.shape[0] for b in self.train.bags + self.val.bags), default=1)
 
+    def high_power(self) -> SiteData:
+        """The site with single-scale bags (see :meth:`BagSet.high_power`)."""
+        return SiteData(self.name, self.train.high_power(), self.val.high_power())
+
 
 def stratified_split(
     labels: np.ndarray, val_fraction: float, rng: np.random.Generator
@@ -153,7 +177,7 @@ def stratified_split(
 def split_bags(
     name: str, bags: list[np.ndarray], labels: np.ndarray, names: list[str],
     val_fraction: float, seed: int, patients: list[str] | None = None,
-    instance_labels: list[np.ndarray] | None = None,
+    instance_labels: list[np.ndarray] | None = None, children: int = 0,
 ) -> SiteData:
     """Split one site's bags into train and validation, stratified by label.
 
@@ -179,7 +203,7 @@ def split_bags(
                       tuple(names[i] for i in idx),
                       tuple(patients[i] for i in idx) if patients is not None else None,
                       tuple(instance_labels[i] for i in idx)
-                      if instance_labels is not None else None)
+                      if instance_labels is not None else None, children)
 
     return SiteData(name=name, train=pick(~is_val), val=pick(is_val))
 
@@ -188,7 +212,8 @@ def save_site_file(site: SiteData, path: str | Path) -> Path:
     """Write a site's bags to one ``.npz`` file (atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, np.ndarray] = {"name": np.array(site.name)}
+    arrays: dict[str, np.ndarray] = {"name": np.array(site.name),
+                                     "children": np.array(site.train.children)}
     for split, bagset in (("train", site.train), ("val", site.val)):
         lengths = np.array([b.shape[0] for b in bagset.bags], dtype=np.int64)
         arrays[f"{split}_features"] = (
@@ -213,6 +238,7 @@ def load_site_file(path: str | Path) -> SiteData:
     try:
         with np.load(path, allow_pickle=False) as z:
             parts = {}
+            children = int(z["children"]) if "children" in z.files else 0
             for split in ("train", "val"):
                 lengths = z[f"{split}_lengths"]
                 feats = z[f"{split}_features"].astype(np.float32)
@@ -220,7 +246,8 @@ def load_site_file(path: str | Path) -> SiteData:
                 patients = (tuple(str(p) for p in z[f"{split}_patients"])
                             if f"{split}_patients" in z.files else None)
                 parts[split] = BagSet(bags, z[f"{split}_labels"].astype(np.int64),
-                                      tuple(str(n) for n in z[f"{split}_names"]), patients)
+                                      tuple(str(n) for n in z[f"{split}_names"]), patients,
+                                      children=children)
             return SiteData(name=str(z["name"]), train=parts["train"], val=parts["val"])
     except FileNotFoundError:
         raise DataError(f"{path}: site data file not found") from None

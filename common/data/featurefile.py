@@ -10,6 +10,14 @@ Written by ``pathfed prepare`` (:func:`common.wsi.extract.prepare`), read by
 
 Attributes: :data:`ATTRS`. A file is written under a temporary name and renamed when
 complete, so a reader never sees half a file.
+
+A slide prepared at more than one scale (``pathfed prepare --mpp 0.5,2.0``) keeps the
+finest scale in the datasets above, so every single-scale reader reads it unchanged, and
+one group per coarser scale, ``scale_<mpp>`` (e.g. ``scale_2``; the root attribute
+``context_mpp`` lists them), holding ``coords``, ``features`` and ``tissue_fraction`` of
+its patches, ``parent`` (``int64[n]``: for each finest-scale patch, the row of the coarse
+patch its centre lies in) and the attribute ``children`` (the most finest-scale patches a
+coarse patch can hold, the same for every slide prepared with the same settings).
 """
 
 from __future__ import annotations
@@ -35,6 +43,14 @@ ATTRS = ("mpp", "patch_size", "level", "downsample", "size_baseline", "encoder",
          "weights_hash", "slide_path", "slide_mpp", "slide_mpp_source", "slide_dimensions",
          "tissue_threshold", "overlap", "settings")
 """Every attribute a feature file carries."""
+CONTEXT_MPP = "context_mpp"
+PARENT = "parent"
+CHILDREN = "children"
+
+
+def scale_group(mpp: float) -> str:
+    """The group of a coarser scale's datasets."""
+    return f"scale_{mpp:g}"
 
 
 class FeatureFileWriter:
@@ -59,6 +75,19 @@ class FeatureFileWriter:
         for name, ds in self.qc.items():
             ds[self.start:stop] = flags[name]
         self.start = stop
+
+    def add_scale(self, mpp: float, coords: np.ndarray, tissue: np.ndarray,
+                  features: np.ndarray, parent: np.ndarray, children: int,
+                  attrs: Mapping[str, Any]) -> None:
+        """A coarser scale: its patches, their features and each finest patch's parent."""
+        group = self.h5.create_group(scale_group(mpp))
+        group.create_dataset(COORDS, data=coords.astype(np.int64))
+        group.create_dataset(TISSUE, data=tissue.astype(np.float32))
+        group.create_dataset(FEATURES, data=features.astype(np.float32))
+        group.create_dataset(PARENT, data=parent.astype(np.int64))
+        group.attrs.update({"mpp": mpp, CHILDREN: children, **attrs})
+        scales = [float(x) for x in self.h5.attrs.get(CONTEXT_MPP, [])]
+        self.h5.attrs[CONTEXT_MPP] = np.array(sorted({*scales, mpp}), dtype=np.float64)
 
     def finish(self, attrs: Mapping[str, Any]) -> None:
         missing = set(ATTRS) - set(attrs)
@@ -104,6 +133,51 @@ def feature_dim(path: Path) -> int:
     try:
         with h5py.File(path, "r") as h5:
             return int(h5[FEATURES].shape[1])
+    except (OSError, KeyError, ValueError, IndexError) as err:
+        raise DataError(f"{path}: not a PathFed feature file or damaged ({err}); re-run "
+                        "`pathfed prepare` on its slide") from None
+
+
+def read_regions(path: Path) -> tuple[np.ndarray, int, dict[str, Any]]:
+    """A multi-scale file's bag of regions (:func:`common.data.multiscale.pack_regions`):
+    the finest scale's patches under the next coarser scale's; ``(rows, children, attrs)``.
+    A file prepared at one scale is a :class:`DataError` saying how to prepare two."""
+    import h5py
+
+    from common.data.multiscale import pack_regions
+
+    try:
+        with h5py.File(path, "r") as h5:
+            attrs = {k: h5.attrs[k] for k in h5.attrs}
+            context = [float(x) for x in attrs.get(CONTEXT_MPP, [])]
+            if not context:
+                mpp = float(attrs.get("mpp", 0.5))
+                raise DataError(f"{path}: prepared at one scale ({mpp:g} um/px); a "
+                                "multi-scale model needs two, e.g. `pathfed prepare SLIDES "
+                                f"--mpp {mpp:g},{4 * mpp:g}`")
+            group = h5[scale_group(context[0])]
+            children = int(group.attrs[CHILDREN])
+            rows = pack_regions(np.asarray(group[FEATURES], dtype=np.float32),
+                                np.asarray(h5[FEATURES], dtype=np.float32),
+                                np.asarray(group[PARENT], dtype=np.int64), children)
+            return rows, children, attrs
+    except DataError as err:
+        if str(err).startswith(str(path)):
+            raise
+        raise DataError(f"{path}: {err}; re-run `pathfed prepare` on its slide") from None
+    except (OSError, KeyError, ValueError) as err:
+        raise DataError(f"{path}: not a PathFed feature file or damaged ({err}); re-run "
+                        "`pathfed prepare` on its slide") from None
+
+
+def region_children(path: Path) -> int:
+    """Children per region of a multi-scale file (0 for a single-scale one)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            context = [float(x) for x in h5.attrs.get(CONTEXT_MPP, [])]
+            return int(h5[scale_group(context[0])].attrs[CHILDREN]) if context else 0
     except (OSError, KeyError, ValueError, IndexError) as err:
         raise DataError(f"{path}: not a PathFed feature file or damaged ({err}); re-run "
                         "`pathfed prepare` on its slide") from None

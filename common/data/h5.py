@@ -4,6 +4,8 @@ The folder holds ``manifest.csv``, one ``<slide-stem>.h5`` per slide (dataset ``
 and a labels file with columns ``slide,label[,tma_group|site][,patient]`` (``image`` is
 accepted for ``slide``; slides are matched by file stem, so ``a.svs`` matches ``a.h5``).
 Hospitals are formed from whole ``tma_group``/``site`` values, as for image folders.
+With ``multiscale``, each slide's bag is its regions (finest-scale patches under their
+coarser-scale parents, :func:`common.data.featurefile.read_regions`).
 """
 
 from __future__ import annotations
@@ -15,8 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from common.data.bags import SiteData, split_bags
-from common.data.featurefile import MANIFEST, feature_dim, read_features
+from common.data.featurefile import (
+    MANIFEST,
+    feature_dim,
+    read_features,
+    read_regions,
+    region_children,
+)
 from common.data.labels import LABELS, assign_sites, read_label_rows
+from common.data.multiscale import Layout
 from common.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -33,6 +42,8 @@ class H5Bags:
     groups: list[str]
     patients: list[str]
     paths: list[Path]
+    children: int = 0
+    """Children per region of multi-scale bags; 0 for single-scale ones."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +62,7 @@ def site_slides(groups: list[str], n_sites: int) -> list[list[int]]:
 
 
 def load_h5_bags(folder: str | Path, labels_csv: str | Path | None = None,
-                 warn_missing: bool = True) -> H5Bags:
+                 warn_missing: bool = True, multiscale: bool = False) -> H5Bags:
     """Bags (``features`` of each slide's HDF5 file) and labels of a prepared folder.
 
     ``labels_csv`` defaults to ``folder/labels.csv``. Labelled slides without a feature
@@ -72,6 +83,7 @@ def load_h5_bags(folder: str | Path, labels_csv: str | Path | None = None,
     labels: list[int] = []
     dims: set[int] = set()
     encoders: dict[tuple[str, str], str] = {}
+    layouts: dict[int, str] = {}
     missing = []
     for row in rows:
         name = row.name
@@ -80,7 +92,11 @@ def load_h5_bags(folder: str | Path, labels_csv: str | Path | None = None,
         if not h5_path.is_file():
             missing.append(name)
             continue
-        features, attrs = read_features(h5_path)
+        if multiscale:
+            features, children, attrs = read_regions(h5_path)
+            layouts.setdefault(children, h5_path.name)
+        else:
+            features, attrs = read_features(h5_path)
         made_by = (str(attrs.get("encoder", "")), str(attrs.get("weights_hash", "")))
         if features.ndim != 2 or len(features) == 0:
             log.warning("%s: no patch features; skipped", h5_path)
@@ -108,6 +124,11 @@ def load_h5_bags(folder: str | Path, labels_csv: str | Path | None = None,
         raise DataError(f"{folder}: feature files made by different encoders or weights "
                         f"({first}: {a[0]} {a[1][:12] or '-'}; {second}: {b[0]} "
                         f"{b[1][:12] or '-'}); prepare every slide with one encoder")
+    if len(layouts) > 1:
+        (k1, file1), (k2, file2) = list(layouts.items())[:2]
+        raise DataError(f"{folder}: feature files prepared at different scales ({file1}: "
+                        f"{k1} patches per region; {file2}: {k2}); prepare every slide with "
+                        "one --mpp")
     if not out.bags:
         raise DataError(f"{folder}: none of the {len(rows)} slides in {labels_path} has a "
                         "feature file; run `pathfed prepare` on the slides")
@@ -115,25 +136,31 @@ def load_h5_bags(folder: str | Path, labels_csv: str | Path | None = None,
         raise DataError(f"{folder}: feature files have different sizes {sorted(dims)}; "
                         "prepare them all with one encoder")
     return H5Bags(out.bags, np.array(labels, dtype=np.int64), out.names, out.groups,
-                  out.patients, out.paths)
+                  out.patients, out.paths, next(iter(layouts), 0))
 
 
-def h5_feature_dim(folder: str | Path) -> int:
-    """Feature size of a prepared folder (from its first feature file)."""
+def h5_layout(folder: str | Path, multiscale: bool = False) -> Layout:
+    """Feature size (and, with ``multiscale``, children per region) of a prepared folder,
+    from its first feature file."""
 
     for path in sorted(Path(folder).glob("*.h5")):
-        return feature_dim(path)
+        if not multiscale:
+            return Layout(feature_dim(path))
+        children = region_children(path)
+        if not children:
+            read_regions(path)  # raises, saying how to prepare two scales
+        return Layout(feature_dim(path), children)
     raise DataError(f"{folder}: no feature file (*.h5); run `pathfed prepare` first")
 
 
 def h5_folder_site(folder: str | Path, index: int, n_sites: int, seed: int = 0,
-                   val_fraction: float = 0.3) -> SiteData:
+                   val_fraction: float = 0.3, multiscale: bool = False) -> SiteData:
     """Site ``index`` of a prepared folder split into ``n_sites`` hospitals by group."""
-    data = load_h5_bags(folder, warn_missing=False)
+    data = load_h5_bags(folder, warn_missing=False, multiscale=multiscale)
     idx = site_slides(data.groups, n_sites)[index]
     if not idx:
         raise DataError(f"{folder}: site-{index} has no slide with features")
     patients = [data.patients[i] for i in idx]
     return split_bags(f"site-{index}", [data.bags[i] for i in idx], data.labels[idx],
                       [data.names[i] for i in idx], val_fraction, seed + index,
-                      patients if all(patients) else None)
+                      patients if all(patients) else None, children=data.children)

@@ -5,6 +5,12 @@ image is cut into square patches; patches that are mostly background (>= 75 % wh
 pixels, as in Ilse et al. 2018) are dropped; each remaining patch is embedded by an
 encoder from :mod:`common.features`. Hospitals are formed from whole ``tma_group`` values
 (images of one group share staining and scanning), balanced by image count.
+
+Multi-scale bags (for a model of kind ``multiscale``): each block of
+:data:`CONTEXT_FACTOR` x :data:`CONTEXT_FACTOR` patches that holds a kept patch is also
+seen whole at 1/:data:`CONTEXT_FACTOR` the resolution (a lower magnification), embedded
+by the same encoder, and each kept patch is that region's child
+(:mod:`common.data.multiscale`).
 """
 
 from __future__ import annotations
@@ -19,15 +25,19 @@ from PIL import Image, UnidentifiedImageError
 from common.data.bags import SiteData, split_bags
 from common.data.labels import LABELS as LABELS_FILE
 from common.data.labels import assign_sites, read_label_rows
+from common.data.multiscale import pack_regions
 from common.errors import DataError, SlideReadError
 from common.features import get_encoder
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LabelledImage", "assign_sites", "embed_images", "image_folder_site", "read_image",
-           "read_labels", "tissue_patches"]
+__all__ = ["CONTEXT_FACTOR", "LabelledImage", "assign_sites", "embed_images",
+           "image_folder_site", "read_image", "read_labels", "tissue_patches", "tissue_regions"]
 WHITE_LEVEL = 200
 MAX_WHITE_FRACTION = 0.75
+CONTEXT_FACTOR = 4
+"""Side of a multi-scale region in patches: regions are seen at a quarter of the image's
+resolution (0.5 um/px patches under 2 um/px regions) and hold up to 16 patches."""
 
 
 @dataclass(frozen=True)
@@ -75,8 +85,7 @@ def tissue_patches(image: np.ndarray, patch_size: int,
     """Non-overlapping patches ``uint8[n, P, P, 3]`` that are not mostly background, and,
     with an annotation ``mask``, each patch's label (tumour on half its pixels or more)."""
     patches = _grid(image, patch_size)
-    white = (patches.min(axis=-1) > WHITE_LEVEL).mean(axis=(1, 2))
-    keep = white < MAX_WHITE_FRACTION
+    keep = _tissue_keep(patches)
     if mask is None:
         return patches[keep], None
     if mask.shape[:2] != image.shape[:2]:
@@ -84,6 +93,33 @@ def tissue_patches(image: np.ndarray, patch_size: int,
                          f"{image.shape[1]}x{image.shape[0]} px")
     tumour = (_grid(mask > 0, patch_size).mean(axis=(1, 2)) >= 0.5).astype(np.int64)
     return patches[keep], tumour[keep]
+
+
+def _tissue_keep(patches: np.ndarray) -> np.ndarray:
+    return np.asarray((patches.min(axis=-1) > WHITE_LEVEL).mean(axis=(1, 2))
+                      < MAX_WHITE_FRACTION)
+
+
+def tissue_regions(image: np.ndarray, patch_size: int, factor: int = CONTEXT_FACTOR
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(regions uint8[m, P, P, 3], patches uint8[n, P, P, 3], parent int64[n])``: the
+    tissue patches of :func:`tissue_patches`, and each block of ``factor`` x ``factor``
+    patches holding one of them, downsampled to ``P`` px (white beyond the image)."""
+    patches = _grid(image, patch_size)
+    keep = np.flatnonzero(_tissue_keep(patches))
+    per_row = image.shape[1] // patch_size
+    rows, cols = np.divmod(keep, per_row)
+    cells, parent = np.unique(np.stack([rows // factor, cols // factor], axis=1), axis=0,
+                              return_inverse=True)
+    side = factor * patch_size
+    regions = np.empty((len(cells), patch_size, patch_size, 3), dtype=np.uint8)
+    for i, (cy, cx) in enumerate(cells):
+        block = np.full((side, side, 3), 255, dtype=np.uint8)
+        crop = image[cy * side:(cy + 1) * side, cx * side:(cx + 1) * side, :3]
+        block[:crop.shape[0], :crop.shape[1]] = crop
+        regions[i] = np.asarray(Image.fromarray(block).resize((patch_size, patch_size),
+                                                               Image.Resampling.BOX))
+    return regions, patches[keep], parent.reshape(-1).astype(np.int64)
 
 
 def _read_mask(item: LabelledImage) -> np.ndarray | None:
@@ -98,14 +134,34 @@ def _read_mask(item: LabelledImage) -> np.ndarray | None:
 
 
 def embed_images(
-    items: list[LabelledImage], patch_size: int, encoder: str | None
+    items: list[LabelledImage], patch_size: int, encoder: str | None,
+    multiscale: bool = False,
 ) -> tuple[list[np.ndarray], list[LabelledImage], list[np.ndarray | None]]:
     """Bags of patch features (or of the patches themselves when ``encoder`` is None),
     with per-patch labels where the image has an annotation mask; unreadable or empty
-    images are skipped with a warning."""
+    images are skipped with a warning. With ``multiscale``, bags of regions
+    (:func:`tissue_regions`, :func:`common.data.multiscale.pack_regions`), unannotated."""
+    if multiscale and not encoder:
+        raise ValueError("multi-scale bags are bags of features: give an encoder")
     encode = get_encoder(encoder) if encoder else (lambda patches: patches)
-    bags, kept, patch_labels = [], [], []
+    bags: list[np.ndarray] = []
+    kept: list[LabelledImage] = []
+    patch_labels: list[np.ndarray | None] = []
     for item in items:
+        if multiscale:
+            try:
+                regions, patches, parent = tissue_regions(read_image(item.path), patch_size)
+            except SlideReadError as err:
+                log.warning("%s; skipped", err)
+                continue
+            if len(patches) == 0:
+                log.warning("%s: no tissue patch of %d px; skipped", item.path, patch_size)
+                continue
+            bags.append(pack_regions(encode(regions), encode(patches), parent,
+                                     CONTEXT_FACTOR ** 2))
+            kept.append(item)
+            patch_labels.append(None)
+            continue
         try:
             patches, tumour = tissue_patches(read_image(item.path), patch_size,
                                              _read_mask(item))
@@ -126,15 +182,15 @@ def embed_images(
 
 def image_folder_site(
     folder: Path, index: int, n_sites: int, seed: int = 0, val_fraction: float = 0.3,
-    patch_size: int = 32, encoder: str | None = "color-texture",
+    patch_size: int = 32, encoder: str | None = "color-texture", multiscale: bool = False,
 ) -> SiteData:
     """Site ``index`` of a folder split into ``n_sites`` hospitals by ``tma_group``.
 
     With ``encoder=None`` the bags hold the tissue patches themselves (``uint8[N, P, P, 3]``),
-    for training a patch model.
+    for training a patch model; with ``multiscale``, regions (see :func:`embed_images`).
     """
     items = assign_sites(read_labels(folder), n_sites)[index]
-    bags, kept, patch_labels = embed_images(items, patch_size, encoder)
+    bags, kept, patch_labels = embed_images(items, patch_size, encoder, multiscale)
     if not bags:
         raise DataError(f"{folder}: site-{index} has no readable image with tissue")
     labels = np.array([item.label for item in kept], dtype=np.int64)
@@ -146,4 +202,5 @@ def image_folder_site(
         log.warning("%s: only some images of site-%d have an annotation mask; training on "
                     "slide labels for all", folder, index)
     return split_bags(f"site-{index}", bags, labels, names, val_fraction, seed + index,
-                      patients, patch_labels if annotated else None)  # type: ignore[arg-type]
+                      patients, patch_labels if annotated else None,  # type: ignore[arg-type]
+                      children=CONTEXT_FACTOR ** 2 if multiscale else 0)

@@ -1,7 +1,7 @@
 """Where a site's bags come from: the one place that tells the kinds of data apart.
 
 :func:`detect_source` looks at ``data`` once and names its kind; everything else
-(:func:`load_site`, :func:`feature_dim`, :func:`check_source`, the per-kind defaults of
+(:func:`load_site`, :func:`feature_layout`, :func:`check_source`, the per-kind defaults of
 :func:`common.config.data_defaults`) dispatches on that kind. Detecting needs no torch and
 no reading of images, so a wrong path fails in well under a second.
 
@@ -29,6 +29,7 @@ import numpy as np
 from common.data.bags import SiteData, load_site_file
 from common.data.featurefile import MANIFEST
 from common.data.labels import LABELS
+from common.data.multiscale import Layout
 from common.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -97,58 +98,80 @@ def site_folder_file(folder: Path, index: int, n_sites: int) -> Path:
 def load_site(
     index: int, n_sites: int, data: str, seed: int, val_fraction: float,
     synthetic_bags: int = 300, patch_size: int = 32, encoder: str = "color-texture",
+    multiscale: bool = False,
 ) -> SiteData:
     """Return site ``index`` of ``n_sites``: the one front door to a site's bags.
 
     A folder of site files gives site ``index`` its own file; image and feature folders
     are split into hospitals by whole ``tma_group`` values. An empty ``encoder`` keeps
-    image patches themselves (for patch models). Results are cached per process, so a
-    simulated site embeds its images once.
+    image patches themselves (for patch models). With ``multiscale`` the bags are
+    multi-scale regions (:mod:`common.data.multiscale`), and data with one scale is a
+    :class:`DataError` saying how to get two; without it, multi-scale data gives its
+    high-power patches. Results are cached per process, so a simulated site embeds its
+    images once.
     """
     source = detect_source(data)
     if source.kind == "synthetic":
-        from common.data.synthetic import synthetic_site
+        from common.data.synthetic import synthetic_multiscale_site, synthetic_site
 
-        return synthetic_site(index, seed=seed, n_bags=synthetic_bags, val_fraction=val_fraction)
+        make = synthetic_multiscale_site if multiscale else synthetic_site
+        return make(index, seed=seed, n_bags=synthetic_bags, val_fraction=val_fraction)
     assert source.path is not None
-    if source.kind == "site-file":
-        return load_site_file(source.path)
-    if source.kind == "site-folder":
-        return load_site_file(site_folder_file(source.path, index, n_sites))
+    if source.kind in ("site-file", "site-folder"):
+        path = (source.path if source.kind == "site-file"
+                else site_folder_file(source.path, index, n_sites))
+        return _scales(load_site_file(path), multiscale, path)
     if source.kind == "features":
         from common.data.h5 import h5_folder_site
 
-        return h5_folder_site(source.path, index, n_sites, seed=seed, val_fraction=val_fraction)
+        return h5_folder_site(source.path, index, n_sites, seed=seed, val_fraction=val_fraction,
+                              multiscale=multiscale)
     from common.data.images import image_folder_site
 
     return image_folder_site(source.path, index, n_sites, seed=seed, val_fraction=val_fraction,
-                             patch_size=patch_size, encoder=encoder or None)
+                             patch_size=patch_size, encoder=encoder or None,
+                             multiscale=multiscale)
 
 
-def feature_dim(data: str | None, patch_size: int, encoder: str) -> int:
-    """Instance feature size of ``data`` (to build a bag model), without loading every bag."""
+_ONE_SCALE = ("{what} have one scale; a multi-scale model needs slides prepared at two "
+              "(`pathfed prepare SLIDES --mpp 0.5,2.0`) or the synthetic default")
+
+
+def _scales(site: SiteData, multiscale: bool, path: Path) -> SiteData:
+    if multiscale and not site.train.children:
+        raise DataError(_ONE_SCALE.format(what=f"{path}: the site file's bags"))
+    return site if multiscale else site.high_power()
+
+
+def feature_layout(data: str | None, patch_size: int, encoder: str,
+                   multiscale: bool = False) -> Layout:
+    """Feature size of ``data`` (to build a bag model), and with ``multiscale`` its
+    children per region, without loading every bag."""
     source = detect_source(data)
     if source.kind == "synthetic":
-        from common.data.synthetic import FEATURE_DIM
+        from common.data.synthetic import FEATURE_DIM, SYNTHETIC_CHILDREN
 
-        return FEATURE_DIM
+        return Layout(FEATURE_DIM, SYNTHETIC_CHILDREN if multiscale else 0)
     assert source.path is not None
-    if source.kind == "site-file":
-        return load_site_file(source.path).train.dim
-    if source.kind == "site-folder":
-        return load_site_file(source.path / SITE_FILE.format(index=0)).train.dim
+    if source.kind in ("site-file", "site-folder"):
+        path = (source.path if source.kind == "site-file"
+                else source.path / SITE_FILE.format(index=0))
+        return _scales(load_site_file(path), multiscale, path).train.layout
     if source.kind == "features":
-        from common.data.h5 import h5_feature_dim
+        from common.data.h5 import h5_layout
 
-        return h5_feature_dim(source.path)
+        return h5_layout(source.path, multiscale)
+    from common.data.images import CONTEXT_FACTOR
     from common.features import get_encoder
 
     probe = np.full((1, patch_size, patch_size, 3), 128, dtype=np.uint8)
-    return int(get_encoder(encoder)(probe).shape[1])
+    return Layout(int(get_encoder(encoder)(probe).shape[1]),
+                  CONTEXT_FACTOR ** 2 if multiscale else 0)
 
 
-def check_source(data: str | None, n_sites: int) -> DataSource:
-    """Fail before any work if ``data`` cannot give each of ``n_sites`` sites something.
+def check_source(data: str | None, n_sites: int, multiscale: bool = False) -> DataSource:
+    """Fail before any work if ``data`` cannot give each of ``n_sites`` sites something
+    (with ``multiscale``: multi-scale bags).
 
     Feature folders have every file read once; image folders every image opened. An
     unreadable image is a warning (the run goes on without it) unless it leaves a site
@@ -160,8 +183,12 @@ def check_source(data: str | None, n_sites: int) -> DataSource:
         from common.data.h5 import load_h5_bags, site_slides
 
         assert source.path is not None
-        counts = [len(site) for site in site_slides(load_h5_bags(source.path).groups, n_sites)]
-    elif source.kind == "images":
+        groups = load_h5_bags(source.path, multiscale=multiscale).groups
+        counts = [len(site) for site in site_slides(groups, n_sites)]
+    elif multiscale and source.kind in ("site-file", "site-folder"):
+        assert source.path is not None
+        feature_layout(str(source.path), 0, "", multiscale=True)  # raises for one scale
+    if source.kind == "images":
         from common.data.images import read_image, read_labels
         from common.data.labels import assign_sites
 
@@ -183,7 +210,7 @@ def check_source(data: str | None, n_sites: int) -> DataSource:
             counts.append(readable)
         if unreadable:
             log.warning("%d image(s) unreadable; the run goes on without them", unreadable)
-    elif source.kind == "site-folder":
+    if source.kind == "site-folder":
         assert source.path is not None
         site_folder_file(source.path, 0, n_sites)
     unit = "images" if source.kind == "images" else "slides"
@@ -194,5 +221,5 @@ def check_source(data: str | None, n_sites: int) -> DataSource:
     return source
 
 
-__all__ = ["DataSource", "SourceKind", "check_source", "detect_source", "feature_dim",
+__all__ = ["DataSource", "SourceKind", "check_source", "detect_source", "feature_layout",
            "load_site", "site_folder_file"]

@@ -50,6 +50,11 @@ MODELS: dict[str, ModelSpec] = {
                        "masking (Zhang et al. 2024)",
                        {**_MIL_OPTIONS, "branches": 5, "top_k": 10, "mask_prob": 0.6,
                         "diversity": 0.1}),
+    "multiscale-mil": ModelSpec("common.models.multiscale_mil:multiscale_mil", "multiscale",
+                                "cross-scale attention from low-power regions to their "
+                                "high-power patches, gated attention over regions (the seed's "
+                                "MC-ViT idea)", {**_MIL_OPTIONS, "scales": "both"},
+                                {"scales": ("both", "high", "low")}),
     "residual-patch-cnn": ModelSpec("common.models.patch_cnn:residual_patch_cnn", "patches",
                                     "the seed's residual patch CNN (GroupNorm)", {}),
 }
@@ -95,9 +100,9 @@ def parse_model_options(name: str, text: str) -> dict[str, Any]:
     return out
 
 
-def models_of_kind(kind: Kind) -> list[str]:
-    """Names of the registered models of ``kind``, sorted."""
-    return sorted(name for name, spec in MODELS.items() if spec.kind == kind)
+def models_of_kind(*kinds: Kind) -> list[str]:
+    """Names of the registered models of any of ``kinds``, sorted."""
+    return sorted(name for name, spec in MODELS.items() if spec.kind in kinds)
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

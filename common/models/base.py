@@ -5,6 +5,11 @@ the data path a site builds for it (never its name):
 
 - ``bags``: MIL over a bag of patch features; inputs ``(features[B, N, D], mask[B, N])``;
   built with ``in_dim``.
+- ``multiscale``: MIL over a bag of regions, each a low-power patch with its high-power
+  children (:mod:`common.data.multiscale`); inputs ``(rows[B, M, width], mask[B, M])``;
+  built with ``in_dim`` and ``children``. It needs multi-scale data (``pathfed prepare
+  --mpp 0.5,2.0``, or the synthetic default); the other bag models take the high-power
+  patches of the same data.
 - ``patches``: a classifier of image patches; inputs ``patches[B, K, 3, P, P]`` drawn from
   each slide; built with ``patch_size``.
 
@@ -21,8 +26,10 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import torch
 
-Kind = Literal["bags", "patches"]
-KINDS: tuple[Kind, ...] = ("bags", "patches")
+Kind = Literal["bags", "multiscale", "patches"]
+KINDS: tuple[Kind, ...] = ("bags", "multiscale", "patches")
+BAG_KINDS: tuple[Kind, ...] = ("bags", "multiscale")
+"""The kinds whose inputs are padded bags ``(features, mask)``."""
 
 
 @runtime_checkable

@@ -46,7 +46,7 @@ from common.wsi.manifest import (
 )
 from common.wsi.patches import PatchReader
 from common.wsi.reader import SLIDE_SUFFIXES, SlideReader, open_slide
-from common.wsi.tiling import PatchGrid, tile_tissue
+from common.wsi.tiling import ContextGrid, PatchGrid, context_grid, tile_tissue
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ def _write_features(
     out_path: Path, reader: SlideReader, grid: PatchGrid, encoder: Encoder,
     settings: PrepareSettings, patch_reader: PatchReader, default_mpp: float | None,
     batch_size: int, on_batch: Callable[[int], None], slide_path: str,
+    contexts: list[ContextGrid],
 ) -> None:
     from common.data.featurefile import writing
 
@@ -118,6 +119,15 @@ def _write_features(
                                                    grid.mpp, grid.patch_size, batch_size):
             file.add(encoder(patches), flags)
             on_batch(len(patches))
+        for context in contexts:
+            features = [encoder(patches) for patches, _ in patch_reader.batches(
+                reader.path, default_mpp, context.coords, context.mpp, grid.patch_size,
+                batch_size)]
+            on_batch(len(context))
+            file.add_scale(context.mpp, context.coords, context.tissue_fraction,
+                           np.concatenate(features), context.parent, context.children,
+                           {"patch_size": grid.patch_size,
+                            "size_baseline": context.size_baseline})
         file.finish({
             "mpp": grid.mpp, "patch_size": grid.patch_size, "level": grid.level,
             "downsample": grid.downsample, "size_baseline": grid.size_baseline,
@@ -151,9 +161,11 @@ def _process_slide(
                                 "smaller --patch-size (or a finer --mpp)")
             raise DataError(f"{path}: no patch has {100 * settings.tissue_threshold:.0f} % "
                             "tissue (blank slide? try a lower --tissue-threshold)")
-        on_grid(len(grid))
+        contexts = [context_grid(reader, grid, mpp, settings.overlap)
+                    for mpp in settings.context_mpp]
+        on_grid(len(grid) + sum(len(c) for c in contexts))
         _write_features(out_path, reader, grid, encoder, settings, patch_reader, default_mpp,
-                        batch_size, on_batch, name or path.name)
+                        batch_size, on_batch, name or path.name, contexts)
         return len(grid)
 
 
@@ -170,6 +182,9 @@ class PrepareOptions:
 
     mpp: float = 0.5
     """Microns per pixel of the patches."""
+    context_mpp: tuple[float, ...] = ()
+    """Coarser scales (µm/px) whose patches are also embedded, each finest patch linked to
+    the coarse patch it lies in (multi-scale features; ``--mpp 0.5,2.0``)."""
     patch_size: int = 256
     """Patch side in pixels (at ``mpp``)."""
     encoder: str = "color-texture"
@@ -205,6 +220,11 @@ class PrepareOptions:
             (self.workers < 1, f"workers must be at least 1, got {self.workers}"),
             (self.slide_mpp is not None and not self.slide_mpp > 0,
              f"slide mpp must be positive, got {self.slide_mpp}"),
+            (any(not m > self.mpp for m in self.context_mpp),
+             f"--mpp {','.join(f'{m:g}' for m in (self.mpp, *self.context_mpp))}: the first "
+             "scale is the finest; every other must be coarser (a larger um/px)"),
+            (len(set(self.context_mpp)) != len(self.context_mpp) or len(self.context_mpp) > 2,
+             "--mpp: two or three different scales at most"),
         ]
         for bad, message in problems:
             if bad:
@@ -285,7 +305,7 @@ def _lock_folder(out: Path) -> Any:
 def _prepare_locked(slides: list[Path], slides_dir: Path, out: Path, enc: Encoder,
                     opts: PrepareOptions) -> PrepareSummary:
     settings = PrepareSettings(opts.mpp, opts.patch_size, enc.name, enc.weights_hash,
-                               opts.tissue_threshold, opts.overlap)
+                               opts.tissue_threshold, opts.overlap, tuple(opts.context_mpp))
     manifest_path = out / MANIFEST
     rows = read_manifest(manifest_path)
     if (slides_dir / LABELS).is_file():  # so that OUT_DIR alone is a training data folder

@@ -26,10 +26,13 @@ class PrepareSettings:
     weights_hash: str
     tissue_threshold: float
     overlap: int = 0
+    context_mpp: tuple[float, ...] = ()
+    """Coarser scales written beside ``mpp`` (multi-scale features)."""
 
     def key(self) -> str:
         """A stable one-line form recorded in the manifest."""
-        return (f"mpp={self.mpp:g};patch={self.patch_size};encoder={self.encoder};"
+        scales = ",".join(f"{m:g}" for m in (self.mpp, *self.context_mpp))
+        return (f"mpp={scales};patch={self.patch_size};encoder={self.encoder};"
                 f"weights={self.weights_hash};tissue={self.tissue_threshold:g};"
                 f"overlap={self.overlap}")
 

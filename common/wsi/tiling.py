@@ -146,3 +146,44 @@ def quality_flags(patches: np.ndarray, blur_threshold: float = BLUR_THRESHOLD,
     pen = pen_fraction(patches)
     return {"qc_blur": lap < blur_threshold, "qc_pen": pen > pen_threshold,
             "laplacian_var": lap, "pen_fraction": pen}
+
+
+@dataclass(frozen=True)
+class ContextGrid:
+    """Coarser-scale patches over a grid's patches: each finest patch's parent."""
+
+    coords: np.ndarray
+    """``int64[m, 2]`` baseline top-left of each coarse patch."""
+    tissue_fraction: np.ndarray
+    parent: np.ndarray
+    """``int64[n]``: the coarse patch (row) each patch of the fine grid lies in (its centre)."""
+    children: int
+    """The most fine patches one coarse patch can hold (from the geometry alone)."""
+    mpp: float
+    size_baseline: float
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+
+def context_grid(reader: SlideReader, grid: PatchGrid, mpp: float,
+                 overlap: int = 0) -> ContextGrid:
+    """The coarse patches (``grid.patch_size`` px at ``mpp``, on a grid from the origin) that
+    hold the centres of ``grid``'s patches: exactly the parents those patches need, whatever
+    their own tissue fraction, so that no fine patch loses its context."""
+    from common.data.multiscale import children_per_region
+
+    if mpp <= grid.mpp:
+        raise ValueError(f"a context scale must be coarser than {grid.mpp:g} um/px, got {mpp:g}")
+    size = grid.patch_size * mpp / reader.mpp
+    centres = grid.coords + grid.size_baseline / 2
+    cells, parent = np.unique(np.floor(centres / size).astype(np.int64), axis=0,
+                              return_inverse=True)
+    coords = np.floor(cells * size).astype(np.int64)
+    h0 = reader.dimensions[1]
+    tissue = box_fraction(grid.mask, coords, size, grid.mask_scale, h0 / grid.mask.shape[0])
+    fine_stride = (grid.patch_size - overlap) * grid.mpp / reader.mpp
+    return ContextGrid(coords=coords, tissue_fraction=tissue.astype(np.float32),
+                       parent=parent.reshape(-1).astype(np.int64),
+                       children=children_per_region(size, fine_stride), mpp=mpp,
+                       size_baseline=size)
