@@ -36,10 +36,21 @@ def _batch(model_name: str, args: argparse.Namespace) -> tuple[Any, list[Any]]:
     torch.manual_seed(0)
     name = {"mil": "gated-attention-mil", "cnn": "residual-patch-cnn"}.get(model_name,
                                                                           model_name)
-    if model_spec(name).kind == "bags":
+    kind = model_spec(name).kind
+    if kind == "bags":
         model = build_model(name, in_dim=args.features)
         x = torch.randn(args.bags, args.instances, args.features)
         mask = torch.ones(args.bags, args.instances, dtype=torch.bool)
+        return model, [x, mask, torch.randint(0, 2, (args.bags,)).float()]
+    if kind == "multiscale":  # the same patches, 16 to a low-power region (0.5 -> 2 um/px)
+        from common.data.multiscale import Layout
+
+        layout = Layout(args.features, 16)
+        model = build_model(name, in_dim=layout.dim, children=layout.children)
+        regions = max(1, args.instances // layout.children)
+        x = torch.randn(args.bags, regions, layout.width)
+        x[..., -layout.children:] = 1.0  # every child present
+        mask = torch.ones(args.bags, regions, dtype=torch.bool)
         return model, [x, mask, torch.randint(0, 2, (args.bags,)).float()]
     model = build_model(name, patch_size=args.patch_size, dropout=0.0)
     x = torch.randn(args.slides, args.patches, 3, args.patch_size, args.patch_size)

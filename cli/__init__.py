@@ -1,6 +1,7 @@
 """The ``pathfed`` command line: one module per command group, each registering its parsers.
 
-``simulate`` (one-machine federations), ``prepare`` (slides to features), ``consortium``
+``simulate`` (one-machine federations), ``prepare`` (slides to features), ``predict``
+(a released model on new slides, explained), ``consortium``
 and ``site`` (keys; a hospital's SuperNode), ``server`` and ``run`` (the SuperLink; a
 federated run), ``audit`` (the privacy ledger), ``checkpoint`` (released models),
 ``models`` (the model and encoder registries). Heavy
@@ -14,12 +15,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cli import audit, checkpoint, consortium, models, prepare, server, simulate
+from cli import audit, checkpoint, consortium, models, predict, prepare, server, simulate
 from cli._shared import EXIT_BAD_INPUT
 from common.errors import ConfigError, DataError, PathFedError, UnknownModelError
 from common.logs import setup_logging
 
-COMMANDS = (simulate, prepare, consortium, server, audit, checkpoint, models)
+COMMANDS = (simulate, prepare, predict, consortium, server, audit, checkpoint, models)
 
 
 def build_parser() -> argparse.ArgumentParser:

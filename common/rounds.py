@@ -15,6 +15,7 @@ Every number of either comes through the same checks and records, with the same 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -120,6 +121,8 @@ class RoundBook:
         """Rounds of this run (this process) that produced a global model."""
         self.failures: list[str] = []
         """Why sites failed (fit, SecAgg+ or evaluate), in order."""
+        self.features: dict[str, str] = {}
+        """How each site says its features were made (for the released model's card)."""
         self.started = time.perf_counter()
 
     # ---- a round's training ------------------------------------------------------------
@@ -265,6 +268,7 @@ class RoundBook:
                             problem)
                 continue
             total = total + counts
+            self._note_features(site, metrics.get("features"))
             eps = float(metrics.get("epsilon", 0.0))
             self.epsilon[site] = eps
             if self.cfg.dp and metrics.get("can_train_next", True) is False:
@@ -302,6 +306,39 @@ class RoundBook:
                  total.accuracy, eps_text if self.cfg.dp else "(no DP)")
         return summary
 
+    def _note_features(self, site: str, features: Any) -> None:
+        if not isinstance(features, str) or not features or len(features) > 500:
+            return
+        if site not in self.features:
+            others = {f for s, f in self.features.items() if s != site}
+            if others and features not in others:
+                log.warning("%s made its features otherwise than the other sites (%s, "
+                            "against %s): a model trained on both fits neither well; "
+                            "prepare every site's slides with the same settings", site,
+                            features, sorted(others)[0])
+        self.features[site] = features
+
+    def release(self) -> tuple[Path, str] | None:
+        """Write ``model.npz`` (the last global model and its card, sealed like the
+        checkpoints); ``(path, sha256)``, or None without a run folder or a model."""
+        if self.run is None or not self.models or not self.history:
+            return None
+        from collections import Counter
+
+        from common.release import RELEASE, card_for_round, release_bytes
+        from common.site import model_kind, model_kwargs
+
+        kwargs = model_kwargs(self.cfg) if model_kind(self.cfg) != "patches" else {}
+        last = self.history[-1]
+        made = Counter(self.features.values()).most_common(1)
+        card = card_for_round(
+            self.cfg, model_kind(self.cfg), int(kwargs.get("in_dim", 0)),
+            int(kwargs.get("children", 0)), made[0][0] if made else "unknown",
+            float(last.get("val_threshold") or 0.0), self.last_round,
+            last.get("val_auc") if _finite(last.get("val_auc")) else None)
+        data = release_bytes(self.names, self.global_weights, card)
+        return self.run.save_release(RELEASE, data), hashlib.sha256(data).hexdigest()
+
     # ---- the end ------------------------------------------------------------------------
     def finish(self, done_before: int = 0, error: str | None = None,
                **extra: Any) -> dict[str, Any]:
@@ -311,6 +348,7 @@ class RoundBook:
         models = done_before + self.models
         cfg = self.cfg
         latest = self.run.latest_checkpoint() if self.run is not None else None
+        released = self.release()
         recent = [h["val_auc"] for h in self.history[-LAST_K:]
                   if _finite(h.get("val_auc"))]
         summary = json_safe({
@@ -332,6 +370,9 @@ class RoundBook:
             "checkpoint": str(latest[1].relative_to(self.run.path))
             if latest and self.run is not None else None,
             "checkpoints_encrypted": bool(self.run and self.run.checkpoint_key),
+            "model_file": str(released[0].relative_to(self.run.path))
+            if released and self.run is not None else None,
+            "model_file_sha256": released[1] if released else None,
             "error": error, **extra,
         })
         if self.ledger is not None:

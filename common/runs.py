@@ -104,6 +104,17 @@ class RunFolder:
             atomic_write(target, seal(buf.getvalue(), self.checkpoint_key, name, self.run_id))
         return target
 
+    def save_release(self, name: str, data: bytes) -> Path:
+        """Write a released model's bytes beside the checkpoints (sealed like them); the
+        hash of what was written is the caller's (``data``, before sealing)."""
+        if self.checkpoint_key is None:
+            target = self.path / name
+            atomic_write(target, data)
+        else:
+            target = self.path / (name + SUFFIX)
+            atomic_write(target, seal(data, self.checkpoint_key, name, self.run_id))
+        return target
+
     def latest_checkpoint(self) -> tuple[int, Path] | None:
         """The last round with a checkpoint, and its file (by round number, not by name:
         ``round-1000`` comes after ``round-999``)."""

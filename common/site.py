@@ -136,6 +136,12 @@ class Site:
             model_kind(cfg) == "multiscale",
         )
         self._check_data(source)
+        from common.data.sources import feature_provenance
+
+        self.features = feature_provenance(source, cfg.patch_size,
+                                           "" if self.patches else cfg.encoder)
+        """How this site's features were made (reported with its evaluation, for the
+        released model's card)."""
         # One DP sample is one patient when the data names patients, else one slide.
         self.train_set = self.data.train.by_patient()
         self.max_instances = max([self.data.max_instances]
@@ -335,7 +341,7 @@ class Site:
         counts = evaluate(self._model(weights), self._dataset("val", 0))
         metrics: dict[str, Any] = {
             "site": self.name, "epsilon": self.epsilon, "can_train_next": self.can_train(),
-            **counts.to_metrics(),
+            "features": self.features, **counts.to_metrics(),
         }
         return counts, metrics
 

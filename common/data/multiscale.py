@@ -80,18 +80,26 @@ def pack_regions(low: np.ndarray, high: np.ndarray, parent: np.ndarray,
     layout = Layout(d, children)
     rows = np.zeros((m, layout.width), dtype=np.float32)
     rows[:, :d] = low
-    order = np.argsort(parent, kind="stable")
-    sorted_parent = parent[order]
-    starts = np.searchsorted(sorted_parent, np.arange(m))
-    rank = np.arange(len(order)) - starts[sorted_parent]  # child number within its region
+    rank = child_slots(parent)
     if len(rank) and rank.max() >= children:
         raise DataError(f"multi-scale bag: a region has {int(rank.max()) + 1} children, more "
                         f"than the {children} its layout holds")
     slots = rows[:, d: d * (1 + children)].reshape(m, children, d)
-    slots[sorted_parent, rank] = high[order]
+    slots[parent, rank] = high
     rows[:, d: d * (1 + children)] = slots.reshape(m, children * d)
-    rows[sorted_parent, d * (1 + children) + rank] = 1.0
+    rows[parent, d * (1 + children) + rank] = 1.0
     return rows
+
+
+def child_slots(parent: np.ndarray) -> np.ndarray:
+    """Each high-power patch's slot in its region's row (its rank among the region's
+    children, in file order): patch ``i`` is child ``slot[i]`` of region ``parent[i]``."""
+    order = np.argsort(parent, kind="stable")
+    slot = np.empty(len(parent), dtype=np.int64)
+    sorted_parent = parent[order]
+    starts = np.searchsorted(sorted_parent, sorted_parent)  # first index of each region
+    slot[order] = np.arange(len(order)) - starts
+    return slot
 
 
 def unpack(rows: T, layout: Layout) -> tuple[Any, Any, Any]:
@@ -111,4 +119,5 @@ def high_power(rows: np.ndarray, layout: Layout) -> np.ndarray:
     return np.asarray(high[present], dtype=np.float32)
 
 
-__all__ = ["Layout", "children_per_region", "high_power", "pack_regions", "unpack"]
+__all__ = ["Layout", "child_slots", "children_per_region", "high_power", "pack_regions",
+           "unpack"]

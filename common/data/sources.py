@@ -169,6 +169,32 @@ def feature_layout(data: str | None, patch_size: int, encoder: str,
                   CONTEXT_FACTOR ** 2 if multiscale else 0)
 
 
+def feature_provenance(data: str | None, patch_size: int, encoder: str) -> str:
+    """How ``data``'s features are made, as a model card records it: the ``pathfed
+    prepare`` settings key of a prepared folder (from its first file), ``images;...`` for
+    image folders embedded on the fly, ``synthetic`` for the embedded default, ``site
+    file`` for site files (their features' origin is not recorded)."""
+    source = detect_source(data)
+    if source.kind == "features":
+        import h5py
+
+        assert source.path is not None
+        for path in sorted(source.path.glob("*.h5")):
+            try:
+                with h5py.File(path, "r") as h5:
+                    return str(h5.attrs["settings"])
+            except (OSError, KeyError):
+                continue
+        return "features"
+    if source.kind == "images":
+        from common.features import get_encoder
+
+        enc = get_encoder(encoder) if encoder else None
+        return (f"images;patch={patch_size};encoder={enc.name};weights={enc.weights_hash}"
+                if enc else f"images;patch={patch_size};encoder=none;weights=none")
+    return {"synthetic": "synthetic"}.get(source.kind, "site file")
+
+
 def check_source(data: str | None, n_sites: int, multiscale: bool = False) -> DataSource:
     """Fail before any work if ``data`` cannot give each of ``n_sites`` sites something
     (with ``multiscale``: multi-scale bags).
@@ -222,4 +248,5 @@ def check_source(data: str | None, n_sites: int, multiscale: bool = False) -> Da
 
 
 __all__ = ["DataSource", "SourceKind", "check_source", "detect_source", "feature_layout",
+           "feature_provenance",
            "load_site", "site_folder_file"]

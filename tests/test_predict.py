@@ -1,0 +1,185 @@
+"""``pathfed predict``: a released model on new slides, heatmaps, QuPath GeoJSON, masks."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from common.errors import ConfigError, DataError
+from common.explain.geojson import check_geojson
+from common.release import RELEASE, ModelCard, load_model, release_bytes
+from common.runs import RunFolder
+from common.wsi.extract import prepare
+from simulations.wsi_demo import make_slides
+from tests.conftest import run_cli
+
+
+def _rows(out: Path) -> dict[str, dict[str, str]]:
+    with (out / "predictions.csv").open() as fh:
+        return {r["slide"]: r for r in csv.DictReader(fh)}
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = make_slides(tmp_path_factory.mktemp("pred") / "slides", 2, 4, size=(768, 512))
+    (folder / "junk.svs").write_text("not a slide\n")  # a bad slide fails alone
+    return folder
+
+
+@pytest.fixture(scope="module")
+def features(slides: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pred") / "features"
+    prepare(slides, out, mpp=1.0, patch_size=32, progress=False)
+    return out
+
+
+def _release(folder: Path, features: Path, model: str = "gated-attention-mil",
+             key: bytes | None = None, options: str = "") -> Path:
+    """A released model with a fresh (seeded) initialisation, as a run writes it."""
+    import torch
+
+    from common.models import build_model, parse_model_options
+
+    torch.manual_seed(0)
+    net = build_model(model, in_dim=21, **parse_model_options(model, options))
+    with h5py.File(next(features.glob("*.h5"))) as h5:
+        settings = str(h5.attrs["settings"])
+    card = ModelCard(model=model, model_options=options, kind="bags", in_dim=21, children=0,
+                     features=settings, threshold=0.0, round=3, run_id="run-x")
+    names = list(net.state_dict())
+    weights = [v.numpy() for v in net.state_dict().values()]
+    return RunFolder(folder, key, "run-x").save_release(RELEASE,
+                                                         release_bytes(names, weights, card))
+
+
+def test_predictions_on_features_and_on_slides_agree(slides: Path, features: Path,
+                                                     tmp_path: Path) -> None:
+    model = _release(tmp_path / "run", features)
+    r = run_cli("predict", str(features), "--model", str(tmp_path / "run"), "--out",
+                str(tmp_path / "a"), "--slides", str(slides), "--no-progress")
+    assert r.returncode == 1 and "1 slide(s) failed" in r.stderr  # junk.svs, alone
+    a = _rows(tmp_path / "a")
+    assert a["junk.svs"]["status"] == "failed" and "not a slide format" in a["junk.svs"]["reason"]
+    done = [k for k, v in a.items() if v["status"] == "done"]
+    assert len(done) == 8
+    r = run_cli("predict", str(slides), "--model", str(model), "--out", str(tmp_path / "b"),
+                "--no-progress")
+    b = _rows(tmp_path / "b")
+    for name in done:  # prepared on the fly with the card's settings: the same numbers
+        assert a[name]["probability"] == b[name]["probability"], name
+        assert a[name]["label"] == str(int(float(a[name]["logit"]) > 0.0))
+        assert len(a[name]["top_patches"].split(";")) == 8
+    stem = Path(done[0]).stem
+    with h5py.File(tmp_path / "a" / f"{stem}_scores.h5") as h5:
+        assert h5["scores"].shape == (int(a[done[0]]["n_patches"]),) == h5["coords"].shape[:1]
+        assert np.isclose(h5["scores"][:].sum(), 1.0, atol=1e-4)  # attention weights
+    assert (tmp_path / "a" / "heatmaps" / f"{stem}.png").stat().st_size > 5000
+    assert len(list((tmp_path / "a" / "heatmaps" / f"{stem}_top").glob("*.png"))) == 8
+    assert (tmp_path / "a" / "masks" / f"{stem}.png").is_file()
+
+
+def test_geojson_opens_in_qupath_and_lies_on_the_slide(features: Path, tmp_path: Path) -> None:
+    from common.predict import predict
+
+    _release(tmp_path / "run", features)
+    summary = predict(features, tmp_path / "run", tmp_path / "out", progress=False,
+                      heatmaps=False, segment_threshold=1.0, threshold=-100.0)
+    assert summary.counts["done"] == 8
+    for row in summary.rows:
+        if row.status != "done":
+            continue
+        stem = Path(row.slide).stem
+        collection = json.loads((tmp_path / "out" / "geojson" / f"{stem}.geojson").read_text())
+        with h5py.File(features / f"{stem}.h5") as h5:
+            dims = tuple(int(v) for v in h5.attrs["slide_dimensions"])
+        assert check_geojson(collection, dims) == []  # type: ignore[arg-type]
+        kinds = [f["properties"]["objectType"] for f in collection["features"]]
+        assert kinds.count("tile") == row.n_patches
+        assert kinds.count("annotation") >= 1  # every slide is positive at logit -100
+        tile = collection["features"][0]
+        assert tile["geometry"]["type"] == "Polygon"
+        assert set(tile["properties"]["measurements"]) == {"score", "rank score",
+                                                           "slide probability"}
+        assert tile["properties"]["classification"]["color"] in ([200, 0, 0], [20, 120, 20])
+    bad = {"type": "FeatureCollection", "features": [{
+        "type": "Feature", "geometry": {"type": "Polygon", "coordinates": [
+            [[0, 0], [9e9, 0], [9e9, 9], [0, 9], [0, 0]]]},
+        "properties": {"objectType": "tile", "classification": {"name": "Tumor"},
+                       "measurements": {"score": float("nan")}}}]}
+    problems = " ".join(check_geojson(bad, (100, 100)))
+    assert "color" in problems and "finite" in problems and "outside the slide" in problems
+
+
+def test_a_sealed_model_needs_its_key(features: Path, tmp_path: Path) -> None:
+    from common.crypto.sealed import SUFFIX
+
+    key = bytes(range(32))
+    path = _release(tmp_path / "run", features, key=key)
+    assert path.name == RELEASE + SUFFIX
+    with pytest.raises(DataError, match="encrypted"):
+        load_model(tmp_path / "run")
+    (tmp_path / "key").write_bytes(key.hex().encode())
+    weights, card, _ = load_model(tmp_path / "run", key)
+    assert card is not None and card.run_id == "run-x" and len(weights) == 10
+    r = run_cli("predict", str(features), "--model", str(path), "--out", str(tmp_path / "o"),
+                "--no-progress")
+    assert r.returncode == 2 and "give the key" in r.stderr
+
+
+def test_features_made_otherwise_are_refused_in_one_line(slides: Path, features: Path,
+                                                         tmp_path: Path) -> None:
+    from common.predict import predict
+
+    _release(tmp_path / "run", features)
+    other = tmp_path / "other"
+    prepare(slides, other, mpp=1.0, patch_size=32, encoder="resnet-tiny", progress=False)
+    with pytest.raises(ConfigError, match="encoder=resnet-tiny.*expects encoder=color-texture"):
+        predict(other, tmp_path / "run", tmp_path / "o", progress=False)
+    coarse = tmp_path / "coarse"
+    prepare(slides, coarse, mpp=2.0, patch_size=32, progress=False)
+    r = run_cli("predict", str(coarse), "--model", str(tmp_path / "run"), "--out",
+                str(tmp_path / "o2"))
+    assert r.returncode == 2 and "mpp=2, the model expects mpp=1" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    RunFolder(tmp_path / "r2").save_checkpoint(1, ["a"], [np.zeros(2)])
+    with pytest.raises(ConfigError, match="round checkpoint carries no model card"):
+        predict(features, tmp_path / "r2" / "checkpoints" / "round-001.npz", tmp_path / "o3")
+
+
+def test_mc_dropout_uncertainty_and_abstention(features: Path, tmp_path: Path) -> None:
+    from common.predict import predict
+
+    _release(tmp_path / "run", features, options="dropout=0.5")
+    summary = predict(features, tmp_path / "run", tmp_path / "o", progress=False,
+                      heatmaps=False, passes=8, max_uncertainty=0.0)
+    done = [r for r in summary.rows if r.status == "done"]
+    assert all(r.uncertainty is not None and r.uncertainty > 0 for r in done)
+    assert all(r.abstained and r.tumour_patches == 0 for r in done)  # abstained: no mask
+
+
+@pytest.mark.slow
+def test_a_trained_attention_model_segments_the_tumour(tmp_path: Path) -> None:
+    """Train gated attention-MIL on generated slides with tumour foci (slide labels only),
+    then predict on new slides of the same kind: Dice of the tumour mask above 0.5."""
+    from common.config import FederationConfig
+    from common.fedavg import run_inprocess
+    from common.predict import predict
+
+    train = make_slides(tmp_path / "train", 2, 16, size=(768, 512))
+    prepare(train, tmp_path / "features", mpp=1.0, patch_size=32, progress=False)
+    cfg = FederationConfig(sites=2, rounds=8, data=str(tmp_path / "features"), batch_size=8,
+                           local_epochs=2, optimizer="adam", lr=0.01, dp=False, secagg=False)
+    run_inprocess(cfg, run_dir=tmp_path / "run")
+    test = make_slides(tmp_path / "test", 1, 10, size=(768, 512), seed=5)
+    summary = predict(test, tmp_path / "run", tmp_path / "out", progress=False)
+    with (test / "labels.csv").open() as fh:
+        positive = {r["slide"] for r in csv.DictReader(fh) if r["label"] == "1"}
+    tumour = [r for r in summary.rows if r.slide in positive]
+    assert all(r.label == 1 for r in tumour)
+    dice = float(np.mean([r.dice for r in tumour]))
+    assert dice > 0.5, [(r.slide, r.dice) for r in tumour]
