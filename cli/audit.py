@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from common.errors import DataError, PathFedError
+
 log = logging.getLogger(__name__)
 
 
@@ -194,6 +196,10 @@ def _plots(report: Any) -> list[tuple[str, str]]:
             ax.set_title("Training loss and validation AUC (metrics.jsonl)")
             fig.legend(loc="lower left", fontsize=7)
             out.append(("Loss and AUC per round", _png(fig)))
+        last = next((r for r in reversed(glob) if r.get("val_hist_pos")), None)
+        if last is not None:
+            out.append((f"Validation ROC and calibration (round {last['round']}, pooled "
+                        "over the sites)", _png(_roc_calibration(last))))
     if report.rounds:
         names = sorted({s.site for s in report.sites}
                        | {n for r in report.rounds for n in r.get("participants", [])}
@@ -212,6 +218,66 @@ def _plots(report: Any) -> list[tuple[str, str]]:
         ax.set(xlabel="round", title="Participation (dark: aggregated, light: dropped out)")
         out.append(("Participation per round", _png(fig)))
     return out
+
+
+def _roc_calibration(record: dict[str, Any]) -> Any:
+    import matplotlib.pyplot as plt
+
+    from common.metrics import auc_from_histograms, calibration_from_histograms, roc_from_histograms
+
+    pos, neg = record["val_hist_pos"], record["val_hist_neg"]
+    fig, (roc, cal) = plt.subplots(1, 2, figsize=(8, 3.6))
+    fpr, tpr = roc_from_histograms(pos, neg)
+    roc.plot(fpr, tpr, drawstyle="steps-post", label=f"AUC {auc_from_histograms(pos, neg):.3f}")
+    roc.plot([0, 1], [0, 1], ":", color="grey")
+    roc.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC",
+            xlim=(0, 1), ylim=(0, 1.01))
+    roc.legend(loc="lower right", fontsize=8)
+    mean_p, frac, n = calibration_from_histograms(pos, neg)
+    cal.plot([0, 1], [0, 1], ":", color="grey", label="perfect")
+    cal.plot(mean_p, frac, marker="o", label="model")
+    for x, y, k in zip(mean_p, frac, n):
+        cal.annotate(f"{int(k)}", (x, y), fontsize=6, xytext=(3, -8), textcoords="offset points")
+    cal.set(xlabel="predicted probability", ylabel="fraction positive",
+            title="Calibration (slides per bin)", xlim=(0, 1), ylim=(0, 1.01))
+    cal.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def validation_heatmaps(run_dir: Path, config: dict[str, Any], n: int = 3
+                        ) -> list[tuple[str, str]]:
+    """Heatmaps of the released model on a few of site-0's validation slides, when the
+    run's data is a prepared slide folder at hand (a simulation); none otherwise."""
+    import tempfile
+
+    from common.config import FederationConfig
+    from common.data.sources import detect_source, load_site
+    from common.predict import predict
+
+    cfg = FederationConfig.from_mapping(config, f"{run_dir} configuration")
+    try:
+        source = detect_source(cfg.data)
+    except DataError:
+        return []
+    if source.kind != "features" or not (run_dir / "model.npz").is_file():
+        return []
+    names = load_site(0, cfg.sites, cfg.data, cfg.seed, cfg.val_fraction).val.names[:n]
+    quiet = logging.getLogger("common.predict")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the report, not a line per slide
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            summary = predict(cfg.data, run_dir, tmp, progress=False, only=frozenset(names))
+        finally:
+            quiet.setLevel(level)
+        out = []
+        for row in summary.rows:
+            png = Path(tmp) / "heatmaps" / f"{Path(row.slide).stem}.png"
+            if row.status == "done" and png.is_file():
+                out.append((f"Validation slide {row.slide} (site-0): p = {row.probability:.3f}",
+                            base64.b64encode(png.read_bytes()).decode("ascii")))
+        return out
 
 
 def render_html(report: Any, attack: Any = None) -> str:
@@ -246,8 +312,14 @@ def render_html(report: Any, attack: Any = None) -> str:
             f"<p>{e(attack.description)}</p><table><tr><th>attack</th><th>AUC</th>{heads}"
             f"<th>empirical epsilon lower bound ({attack.confidence:.0%})</th></tr>{arows}"
             f"</table><p>{e(attack.summary())}</p>")
+    figures = _plots(report)
+    if report.config:
+        try:
+            figures += validation_heatmaps(report.run_dir, report.config)
+        except (PathFedError, OSError, ValueError) as err:  # the audit stands without them
+            notes = notes + [f"no validation heatmaps: {err}"]
     plots = "".join(f"<h2>{e(title)}</h2><img alt='{e(title)}' src='data:image/png;base64,"
-                    f"{png}'>" for title, png in _plots(report))
+                    f"{png}'>" for title, png in figures)
     keys = ("pinned to the auditor's trusted keys" if report.ledger.keys_pinned
             else "as presented in the ledger's run-start record (not pinned)")
     return f"""<!DOCTYPE html>

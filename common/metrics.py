@@ -53,6 +53,35 @@ def auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
     return float((pos * (neg_below + 0.5 * neg)).sum() / (n_pos * n_neg))
 
 
+def roc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ROC curve ``(fpr, tpr)`` of per-class score histograms, from (0, 0) to (1, 1)."""
+    pos, neg = np.asarray(pos, float), np.asarray(neg, float)
+    if not pos.sum() or not neg.sum():
+        return np.array([0.0, 1.0]), np.array([0.0, 1.0])
+    # predicting positive from bin k upwards, k from above the top bin down to 0
+    tpr = np.concatenate([[0.0], np.cumsum(pos[::-1])]) / pos.sum()
+    fpr = np.concatenate([[0.0], np.cumsum(neg[::-1])]) / neg.sum()
+    return fpr, tpr
+
+
+def calibration_from_histograms(pos: np.ndarray, neg: np.ndarray, bins: int = 10
+                                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reliability diagram of per-class logit histograms: for ``bins`` even bins of the
+    predicted probability, ``(mean predicted probability, fraction positive, slides)``
+    of the non-empty ones. A histogram bin counts at the probability of its centre."""
+    pos, neg = np.asarray(pos, float), np.asarray(neg, float)
+    inner = score_edges()
+    centres = np.concatenate([[inner[0] - 1.0], (inner[:-1] + inner[1:]) / 2,
+                              [inner[-1] + 1.0]])
+    prob = 1 / (1 + np.exp(-centres))
+    which = np.minimum((prob * bins).astype(int), bins - 1)
+    n = np.bincount(which, pos + neg, minlength=bins)
+    positives = np.bincount(which, pos, minlength=bins)
+    mean_p = np.bincount(which, prob * (pos + neg), minlength=bins)
+    keep = n > 0
+    return mean_p[keep] / n[keep], positives[keep] / n[keep], n[keep]
+
+
 @dataclass
 class EvalCounts:
     """Additive evaluation counts of one site (or of several, summed)."""

@@ -66,6 +66,8 @@ class PredictOptions:
     workers: int = 1
     progress: bool = True
     heatmaps: bool = True
+    only: frozenset[str] | None = None
+    """Predict on these slides (names as in the manifest) alone."""
 
 
 @dataclass
@@ -488,6 +490,9 @@ def predict(inputs: str | Path, model_path: str | Path, out: str | Path,
     rows: list[SlidePrediction] = []
     for bag in track(bags, description="predicting", disable=not opts.progress,
                      transient=True):
+        name = bag[0] if isinstance(bag, tuple) else bag.name
+        if opts.only is not None and name not in opts.only:
+            continue
         if isinstance(bag, tuple):
             rows.append(SlidePrediction(bag[0], status="failed", reason=bag[1]))
         else:

@@ -295,6 +295,8 @@ class RoundBook:
             "val_balanced_accuracy": total.balanced_accuracy,
             "val_threshold": threshold, "val_balanced_accuracy_calibrated": calibrated,
             "epsilon": dict(sorted(self.epsilon.items())),
+            # the pooled score histograms (already the server's): ROC and calibration plots
+            "val_hist_pos": total.hist_pos, "val_hist_neg": total.hist_neg,
         }
         if self.run is not None:
             self.run.append_metrics(records + [summary])

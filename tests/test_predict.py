@@ -183,3 +183,33 @@ def test_a_trained_attention_model_segments_the_tumour(tmp_path: Path) -> None:
     assert all(r.label == 1 for r in tumour)
     dice = float(np.mean([r.dice for r in tumour]))
     assert dice > 0.5, [(r.slide, r.dice) for r in tumour]
+    from cli.audit import render_html
+    from common.audit import audit_run
+
+    page = render_html(audit_run(tmp_path / "run"))  # the run's report shows the model
+    assert "Validation ROC and calibration (round 8" in page
+    assert page.count("<h2>Validation slide ") == 3
+
+
+def test_roc_and_calibration_from_the_pooled_histograms() -> None:
+    from common.metrics import (
+        EvalCounts,
+        calibration_from_histograms,
+        roc_auc,
+        roc_from_histograms,
+    )
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    logits = rng.normal(0, 1, 400) + 1.5 * (labels - 0.5)
+    counts = EvalCounts.from_predictions(logits, labels, 0.0)
+    fpr, tpr = roc_from_histograms(np.array(counts.hist_pos), np.array(counts.hist_neg))
+    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc(logits, labels), abs=0.01)
+    mean_p, frac, n = calibration_from_histograms(np.array(counts.hist_pos),
+                                                  np.array(counts.hist_neg))
+    assert n.sum() == 400 and np.all(np.diff(mean_p) > 0)
+    prob = 1 / (1 + np.exp(-logits))
+    top = prob >= 0.9
+    assert frac[-1] == pytest.approx(labels[top].mean(), abs=0.05)
