@@ -142,7 +142,9 @@ def test_model_swap_and_unaccounted_update_are_flagged(good_run: Path, tmp_path:
 def test_html_report(good_run: Path) -> None:
     text = render_html(audit_run(good_run))
     assert text.startswith("<!DOCTYPE html>") and "everything verifies" in text
-    assert text.count("data:image/png;base64,") == 3  # epsilon, loss/AUC, participation
+    # epsilon, loss/AUC, the released model's ROC and calibration, participation
+    assert text.count("data:image/png;base64,") == 4
+    assert "Validation ROC and calibration" in text
     assert "site-0" in text and "http" not in text.replace("https://", "")  # self-contained
 
 
