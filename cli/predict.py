@@ -22,6 +22,8 @@ def add_parser(sub: Any) -> None:
                    help="a run folder or its model.npz (model.npz.enc with --key-file)")
     p.add_argument("--out", required=True, metavar="OUT")
     p.add_argument("--key-file", metavar="KEY", help="key of an encrypted model")
+    p.add_argument("--encoder", metavar="NAME",
+                   help="the encoder you expect (checked: it must be the model's)")
     p.add_argument("--weights", metavar="FILE",
                    help="the encoder's local weights, for slides prepared on the fly")
     p.add_argument("--threshold", type=float, metavar="LOGIT",
@@ -61,7 +63,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     summary = predict(args.inputs, args.model, args.out, PredictOptions(
         threshold=args.threshold, max_uncertainty=args.max_uncertainty, passes=args.passes,
         top_k=args.top_k, segment_threshold=args.segment_threshold or SEGMENT_THRESHOLD,
-        weights=args.weights, slide_mpp=args.slide_mpp,
+        encoder=args.encoder, weights=args.weights, slide_mpp=args.slide_mpp,
         slides_dir=Path(args.slides) if args.slides else None,
         key=load_key(args.key_file) if args.key_file else None, workers=args.workers,
         progress=not args.no_progress, heatmaps=not args.no_heatmaps))

@@ -56,6 +56,8 @@ class PredictOptions:
     top_k: int = 8
     segment_threshold: float = SEGMENT_THRESHOLD
     """Relative patch score from which a patch of a positive slide is tumour."""
+    encoder: str | None = None
+    """The encoder the caller expects; refused unless it is the model's."""
     weights: str | Path | None = None
     """Local weights of the encoder, for slides prepared on the fly."""
     slide_mpp: float | None = None
@@ -475,6 +477,10 @@ def predict(inputs: str | Path, model_path: str | Path, out: str | Path,
         raise ConfigError(f"{where}: the model was trained on {card.features} data; nothing "
                           "records how its features were made, so no slide can be prepared "
                           "to match")
+    expected = card.setting("encoder")
+    if opts.encoder is not None and expected is not None and opts.encoder != expected:
+        raise ConfigError(f"--encoder {opts.encoder}: the model was trained on features of "
+                          f"encoder {expected!r}; drop --encoder or give {expected}")
     model = build_released(weights, card)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

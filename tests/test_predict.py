@@ -146,6 +146,9 @@ def test_features_made_otherwise_are_refused_in_one_line(slides: Path, features:
                 str(tmp_path / "o2"))
     assert r.returncode == 2 and "mpp=2, the model expects mpp=1" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    with pytest.raises(ConfigError, match="--encoder resnet-tiny: the model was trained on "
+                       "features of encoder 'color-texture'"):
+        predict(features, tmp_path / "run", tmp_path / "o4", encoder="resnet-tiny")
     RunFolder(tmp_path / "r2").save_checkpoint(1, ["a"], [np.zeros(2)])
     with pytest.raises(ConfigError, match="round checkpoint carries no model card"):
         predict(features, tmp_path / "r2" / "checkpoints" / "round-001.npz", tmp_path / "o3")
