@@ -8,7 +8,9 @@ the model's). For every slide it writes, under ``OUT``:
 
 - a row of ``predictions.csv`` (rewritten atomically after every slide): probability,
   logit, label at the threshold (the card's, calibrated on the run's validation data,
-  unless ``threshold`` is given), MC-dropout uncertainty when the model has dropout,
+  unless ``threshold`` is given), the uncertainty (MC dropout when a MIL model has
+  dropout; test-time rotations and flips for a patch model, whose scores are its
+  per-patch probabilities),
   whether the model abstained, the top patches; a slide that cannot be read fails alone;
 - ``<slide>_scores.h5``: the patches' coordinates, raw scores and tumour flags;
 - ``heatmaps/<slide>.png`` (scores over the thumbnail, :mod:`common.explain.heatmap`)
@@ -150,11 +152,11 @@ def build_released(weights: dict[str, np.ndarray], card: ModelCard) -> Any:
 
     from common.models import build_model, parse_model_options
 
+    kwargs: dict[str, Any] = parse_model_options(card.model, card.model_options)
     if card.kind == "patches":
-        raise ConfigError(f"model {card.model!r} is a patch model; `pathfed predict` applies "
-                          "MIL models (kinds bags and multiscale)")
-    kwargs: dict[str, Any] = {"in_dim": card.in_dim,
-                              **parse_model_options(card.model, card.model_options)}
+        kwargs["patch_size"] = int(card.setting("patch") or 32)
+    else:
+        kwargs["in_dim"] = card.in_dim
     if card.kind == "multiscale":
         kwargs["children"] = card.children
     model = build_model(card.model, **kwargs)
@@ -176,11 +178,16 @@ def _has_dropout(model: Any) -> bool:
 def patch_scores(model: Any, bag: _Bag) -> np.ndarray:
     """Each finest patch's score: the pooling weight of a single-scale model; for a
     multi-scale one, its region's weight times its share of the cross-scale attention
-    (the region's weight, shared, for the low-power ablation)."""
+    (the region's weight, shared, for the low-power ablation); for a patch model, its
+    own probability of tumour."""
     import torch
 
     x = torch.from_numpy(bag.features[None])
     with torch.no_grad():
+        if getattr(model, "input_kind", "") == "patches":
+            logits = model(x)[0]
+            return np.asarray(torch.sigmoid(logits[:, 1] - logits[:, 0]).numpy(),
+                              dtype=np.float64)
         if bag.parent is None:
             return np.asarray(model.instance_scores(x, None)[0].numpy(), dtype=np.float64)
         from common.data.multiscale import child_slots
@@ -313,7 +320,8 @@ def _image_bags(folder: Path, card: ModelCard) -> Iterator[_Bag | tuple[str, str
     from common.wsi.reader import SLIDE_SUFFIXES
 
     patch = int(card.setting("patch") or 32)
-    encoder = get_encoder(card.setting("encoder") or "color-texture")
+    encoder = (get_encoder(card.setting("encoder") or "color-texture")
+               if card.kind != "patches" else None)
     masks = _masks(folder, None)
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in
                     SLIDE_SUFFIXES | {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
@@ -333,13 +341,28 @@ def _image_bags(folder: Path, card: ModelCard) -> Iterator[_Bag | tuple[str, str
         parent = None
         if card.kind == "multiscale":
             regions, patches, parent = tissue_regions(image, patch)
+            assert encoder is not None
             features = pack_regions(encoder(regions), encoder(patches), parent,
                                     CONTEXT_FACTOR ** 2)
+        elif card.kind == "patches":  # the pixels, scaled as training scaled them
+            features = _normalised(_grid(image, patch)[keep])
         else:
+            assert encoder is not None
             features = encoder(_grid(image, patch)[keep])
         yield _Bag(path.name, path.stem, features, coords, float(patch),
                    (image.shape[1], image.shape[0]), parent, None, 0.5, patch, image,
                    masks.get(path.stem))
+
+
+def _normalised(patches: np.ndarray) -> np.ndarray:
+    """``float32[N, 3, P, P]`` of ``uint8[N, P, P, 3]``, as :meth:`BagSet.to_patch_dataset`
+    scales the patches a patch model trains on."""
+    from common.features import IMAGENET_MEAN, IMAGENET_STD
+
+    x = patches.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    mean = np.asarray(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
+    return np.ascontiguousarray((x - mean) / std)
 
 
 # --- One slide ------------------------------------------------------------------------
@@ -354,24 +377,27 @@ def _predict_slide(model: Any, bag: _Bag, card: ModelCard, opts: PredictOptions,
 
     start = time.perf_counter()
     x = torch.from_numpy(bag.features[None])
+    patches = card.kind == "patches"
     with torch.no_grad():
-        logit = float(model.scores(x, None)[0])
+        logit = float(model.scores(x)[0] if patches else model.scores(x, None)[0])
     threshold = card.threshold if opts.threshold is None else opts.threshold
     result = SlidePrediction(bag.name, probability=1 / (1 + math.exp(-logit)), logit=logit,
                              label=int(logit > threshold), n_patches=len(bag.coords))
-    if dropout:
-        from common.uncertainty import mc_dropout
+    if patches or dropout:
+        from common.uncertainty import augmented, mc_dropout
 
-        pred = mc_dropout(model, (x, torch.ones(1, x.shape[1], dtype=torch.bool)),
-                          passes=opts.passes)
+        pred = (augmented(model, x, passes=opts.passes) if patches else  # rotations, flips
+                mc_dropout(model, (x, torch.ones(1, x.shape[1], dtype=torch.bool)),
+                           passes=opts.passes))
         result.uncertainty = float(pred.uncertainty[0])
         if opts.max_uncertainty is not None and result.uncertainty > opts.max_uncertainty:
             result.abstained = True
     scores = patch_scores(model, bag)
     top = top_indices(scores, opts.top_k)
     result.top_patches = ";".join(f"{bag.coords[i][0]}:{bag.coords[i][1]}" for i in top)
-    tumour = tumour_patches(scores, bool(result.label) and not result.abstained,
-                            opts.segment_threshold)
+    positive = bool(result.label) and not result.abstained
+    tumour = (positive & (scores >= 0.5) if patches  # a patch model says it per patch
+              else tumour_patches(scores, positive, opts.segment_threshold))
     result.tumour_patches = int(tumour.sum())
     if bag.mask is not None:
         truth = patch_truth(bag.mask, bag.coords, bag.size_baseline, bag.dimensions)

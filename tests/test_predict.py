@@ -216,3 +216,37 @@ def test_roc_and_calibration_from_the_pooled_histograms() -> None:
     prob = 1 / (1 + np.exp(-logits))
     top = prob >= 0.9
     assert frac[-1] == pytest.approx(labels[top].mean(), abs=0.05)
+
+
+def test_a_patch_model_on_an_image_folder_with_test_time_augmentation(tmp_path: Path) -> None:
+    """The seed's patch CNN: per-patch probabilities are its scores, rotations and flips
+    its uncertainty; images are cut as training cut them."""
+    import torch
+    from PIL import Image
+
+    from common.models import build_model
+    from common.predict import predict
+    from common.wsi.synthetic import synthetic_tissue
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(synthetic_tissue(160, 128, seed=i, tissue_fraction=0.8)).save(
+            images / f"im{i}.png")
+    (images / "labels.csv").write_text("image,label\nim0.png,0\nim1.png,1\nim2.png,0\n")
+    torch.manual_seed(0)
+    net = build_model("residual-patch-cnn", patch_size=32)
+    card = ModelCard(model="residual-patch-cnn", model_options="", kind="patches", in_dim=0,
+                     children=0, features="images;patch=32;encoder=none;weights=none",
+                     threshold=0.0, round=1, run_id="r")
+    RunFolder(tmp_path / "run").save_release(RELEASE, release_bytes(
+        list(net.state_dict()), [v.numpy() for v in net.state_dict().values()], card))
+    summary = predict(images, tmp_path / "run", tmp_path / "out", progress=False, passes=4)
+    assert summary.counts == {"done": 3, "failed": 0}
+    for row in summary.rows:
+        assert row.uncertainty is not None and row.uncertainty >= 0
+        with h5py.File(tmp_path / "out" / f"{Path(row.slide).stem}_scores.h5") as h5:
+            scores = h5["scores"][:]
+        assert len(scores) == row.n_patches > 0 and ((scores >= 0) & (scores <= 1)).all()
+    assert (tmp_path / "out" / "heatmaps" / "im1.png").is_file()
+    assert len(list((tmp_path / "out" / "heatmaps" / "im1_top").glob("*.png"))) == 8
