@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-THRESHOLDS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
+THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
 
 
 def _scores(out: Path, features: Path, slides: Path) -> list[dict[str, Any]]:

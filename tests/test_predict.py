@@ -250,3 +250,16 @@ def test_a_patch_model_on_an_image_folder_with_test_time_augmentation(tmp_path: 
         assert len(scores) == row.n_patches > 0 and ((scores >= 0) & (scores <= 1)).all()
     assert (tmp_path / "out" / "heatmaps" / "im1.png").is_file()
     assert len(list((tmp_path / "out" / "heatmaps" / "im1_top").glob("*.png"))) == 8
+
+
+def test_ranks_keep_negligible_attention_at_the_bottom() -> None:
+    from common.explain.segment import dice_iou, rank_normalise, relative_scores, tumour_patches
+
+    scores = np.array([0.5, 0.3, 0.2, 1e-9, 2e-9, 0.0])
+    ranks = rank_normalise(scores)
+    assert list(ranks[:3]) == [1.0, 0.8, 0.6] and set(ranks[3:]) == {0.0}
+    assert relative_scores(scores)[0] == pytest.approx(3.0)
+    assert list(tumour_patches(scores, True, 1.5)) == [True, True, False, False, False, False]
+    assert not tumour_patches(scores, False).any()
+    assert dice_iou(np.array([1, 1, 0], bool), np.array([1, 0, 0], bool)) == (2 / 3, 0.5)
+    assert dice_iou(np.zeros(3, bool), np.zeros(3, bool)) == (1.0, 1.0)

@@ -18,14 +18,21 @@ SEGMENT_THRESHOLD = 2.0
 """Default: a patch is tumour when it holds twice its uniform share of the attention."""
 
 
-def rank_normalise(scores: np.ndarray) -> np.ndarray:
-    """Ranks of ``scores`` scaled to [0, 1] (ties share their mean rank); for colour maps."""
+RANK_FLOOR = 1e-3
+"""Scores below this share of an even share rank together at the bottom."""
+
+
+def rank_normalise(scores: np.ndarray, floor: float = RANK_FLOOR) -> np.ndarray:
+    """Ranks of ``scores`` scaled to [0, 1], for colour maps. Patches with less than
+    ``floor`` times an even share of the total tie at 0: attention that is all but zero
+    has no meaningful order, and ranking it would paint noise across the slide."""
     from scipy.stats import rankdata
 
     scores = np.asarray(scores, dtype=np.float64)
     if len(scores) < 2:
         return np.ones_like(scores)
-    return (rankdata(scores, method="average") - 1) / (len(scores) - 1)
+    relative = np.maximum(relative_scores(scores), floor)
+    return (rankdata(relative, method="min") - 1) / (len(scores) - 1)
 
 
 def relative_scores(scores: np.ndarray) -> np.ndarray:
@@ -84,5 +91,5 @@ def mask_image(coords: np.ndarray, size_baseline: float, dimensions: tuple[int, 
     return out
 
 
-__all__ = ["SEGMENT_THRESHOLD", "dice_iou", "mask_image", "patch_truth", "rank_normalise",
-           "relative_scores", "tumour_patches"]
+__all__ = ["RANK_FLOOR", "SEGMENT_THRESHOLD", "dice_iou", "mask_image", "patch_truth",
+           "rank_normalise", "relative_scores", "tumour_patches"]
