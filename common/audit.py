@@ -180,6 +180,7 @@ def _check_end(run_dir: Path, report: AuditReport, server_rounds: list[dict[str,
     if config_hash(summary) != end.get("summary_hash"):
         report.problems.append(f"{summary_file}: differs from the summary the server signed "
                                "at the end of the run (edited after the run?)")
+    _check_release(run_dir, summary, end, report)
     claimed = summary.get("epsilon") if isinstance(summary.get("epsilon"), dict) else {}
     for site in report.sites:
         value = claimed.get(site.site)
@@ -187,6 +188,42 @@ def _check_end(run_dir: Path, report: AuditReport, server_rounds: list[dict[str,
                 site.rdp if site.accountant != "prv" else (site.prv or 0.0)) * (1 - 1e-6):
             report.problems.append(f"{summary_file}: reports epsilon {value:.4g} for "
                                    f"{site.site}; its ledger gives {site.rdp:.4g}")
+
+
+def _check_release(run_dir: Path, summary: dict[str, Any], end: dict[str, Any],
+                   report: AuditReport) -> None:
+    """The released ``model.npz``: the bytes the signed summary names, holding the final
+    global model the ledger's run-end record names."""
+    import hashlib
+    import io
+
+    import numpy as np
+
+    from common.crypto.sealed import SUFFIX
+    from common.ledger import hash_arrays
+    from common.release import split_card
+
+    name = summary.get("model_file")
+    if not name:
+        return
+    path = run_dir / str(name)
+    if not path.is_file():
+        report.problems.append(f"{path}: the released model the summary names is missing")
+        return
+    if path.name.endswith(SUFFIX):
+        report.notes.append(f"{path.name} is sealed: its hash and weights are checkable "
+                            "after `pathfed checkpoint decrypt`")
+        return
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != summary.get("model_file_sha256"):
+        report.problems.append(f"{path}: not the released model the server signed "
+                               "(replaced or altered after the run)")
+        return
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        weights, _ = split_card({k: z[k] for k in z.files}, str(path))
+    if hash_arrays(list(weights.values())) != end.get("global_model"):
+        report.problems.append(f"{path}: its weights are not the final global model the "
+                               "ledger records")
 
 
 def _audit_site(name: str, entries: list[dict[str, Any]], report: AuditReport,

@@ -213,6 +213,24 @@ def test_summary_and_checkpoints_are_cross_checked(good_run: Path, tmp_path: Pat
     assert any("round-001.npz is missing" in p for p in audit_run(run).problems)
 
 
+def test_the_released_model_is_the_final_global_model(good_run: Path, tmp_path: Path) -> None:
+    from common.release import load_model, release_bytes
+
+    weights, card, path = load_model(good_run)
+    assert card is not None and card.round == 2 and path.name == "model.npz"
+    assert audit_run(good_run).ok
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    arrays = list(weights.values())
+    arrays[0] = arrays[0] + 0.01  # a model that is not the one trained
+    (run / "model.npz").write_bytes(release_bytes(list(weights), arrays, card))
+    assert any("model.npz: not the released model the server signed" in p
+               for p in audit_run(run).problems)
+    (run / "model.npz").unlink()
+    assert any("released model the summary names is missing" in p
+               for p in audit_run(run).problems)
+
+
 def test_cli_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from cli import main
 
