@@ -248,7 +248,8 @@ def _roc_calibration(record: dict[str, Any]) -> Any:
 def validation_heatmaps(run_dir: Path, config: dict[str, Any], n: int = 3
                         ) -> list[tuple[str, str]]:
     """Heatmaps of the released model on a few of site-0's validation slides, when the
-    run's data is a prepared slide folder at hand (a simulation); none otherwise."""
+    run's data (prepared slides or labelled images) is at hand (a simulation); none
+    otherwise."""
     import tempfile
 
     from common.config import FederationConfig
@@ -260,7 +261,7 @@ def validation_heatmaps(run_dir: Path, config: dict[str, Any], n: int = 3
         source = detect_source(cfg.data)
     except DataError:
         return []
-    if source.kind != "features" or not (run_dir / "model.npz").is_file():
+    if source.kind not in ("features", "images") or not (run_dir / "model.npz").is_file():
         return []
     names = load_site(0, cfg.sites, cfg.data, cfg.seed, cfg.val_fraction).val.names[:n]
     quiet = logging.getLogger("common.predict")

@@ -306,7 +306,8 @@ def _feature_bags(folder: Path, card: ModelCard, slides_dir: Path | None
                    masks.get(path.stem))
 
 
-def _image_bags(folder: Path, card: ModelCard) -> Iterator[_Bag | tuple[str, str]]:
+def _image_bags(folder: Path, card: ModelCard, only: frozenset[str] | None = None
+                ) -> Iterator[_Bag | tuple[str, str]]:
     """Each image of a folder embedded as training embedded it (``images;...`` cards)."""
     from common.data.images import (
         CONTEXT_FACTOR,
@@ -326,6 +327,8 @@ def _image_bags(folder: Path, card: ModelCard) -> Iterator[_Bag | tuple[str, str
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in
                     SLIDE_SUFFIXES | {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
     for path in images:
+        if only is not None and path.name not in only:
+            continue
         try:
             image = read_image(path)
         except DataError as err:
@@ -514,7 +517,7 @@ def predict(inputs: str | Path, model_path: str | Path, out: str | Path,
         _check_features(inputs, card)
         bags = _feature_bags(inputs, card, opts.slides_dir)
     elif card.features.startswith("images;"):
-        bags = _image_bags(inputs, card)
+        bags = _image_bags(inputs, card, opts.only)
     else:
         features = _prepare_slides(inputs, out, card, opts)
         bags = _feature_bags(features, card, inputs)
