@@ -45,6 +45,7 @@ from common.data.bags import BagSet, SiteData, save_site_file
 log = logging.getLogger(__name__)
 
 CONFIG = Path(__file__).parent / "configs" / "ucsb-paper.toml"
+PATCH_CONFIG = Path(__file__).parent / "configs" / "ucsb-patch-cnn.toml"
 ROWS = ("central", "hospitals", "federated", "dp", "dp-secagg")
 HOSPITALS = 5
 
@@ -95,6 +96,15 @@ def embed(data: Path, out: Path, patch_size: int, encoder: str,
         np.savez(cache, features=np.concatenate(bags),
                  lengths=np.array([len(b) for b in bags]), names=np.array(names), labels=labels)
     return Embedded(bags, labels, names, np.array([hospital_of[n] for n in names]), children)
+
+
+def image_tensor(patches: np.ndarray) -> Any:
+    """``float32[1, N, 3, P, P]``: one image's patches scaled as a patch model trains on."""
+    import torch
+
+    from common.predict import _normalised
+
+    return torch.from_numpy(_normalised(np.asarray(patches, dtype=np.uint8))[None])
 
 
 def cv_folds(labels: np.ndarray, folds: int, repeats: int, seed: int) -> list[np.ndarray]:

@@ -241,3 +241,17 @@ def test_pooled_auc_resolves_a_barely_trained_model() -> None:
     assert counts.auc > 0.9 and counts.accuracy == 0.5
     threshold, balanced = counts.calibrated()
     assert -0.02 < threshold < -0.005 and balanced > 0.9
+
+
+def test_site_files_keep_image_patches_as_pixels(tmp_path: Path) -> None:
+    from common.data import BagSet, SiteData, load_site_file, save_site_file
+
+    rng = np.random.default_rng(0)
+    bags = tuple(rng.integers(0, 256, size=(n, 8, 8, 3), dtype=np.uint8) for n in (3, 5))
+    site = SiteData("s", BagSet(bags, np.array([0, 1]), ("a", "b")),
+                    BagSet(bags[:1], np.array([1]), ("c",)))
+    back = load_site_file(save_site_file(site, tmp_path / "s.npz"))
+    assert back.train.bags[1].dtype == np.uint8
+    assert np.array_equal(back.train.bags[1], bags[1])
+    assert back.train.to_patch_dataset(4, seed=0, stain_augment=0.1).tensors[0].shape == (
+        2, 4, 3, 8, 8)  # stain augmentation needs pixels, not floats

@@ -241,7 +241,9 @@ def load_site_file(path: str | Path) -> SiteData:
             children = int(z["children"]) if "children" in z.files else 0
             for split in ("train", "val"):
                 lengths = z[f"{split}_lengths"]
-                feats = z[f"{split}_features"].astype(np.float32)
+                feats = z[f"{split}_features"]
+                if feats.dtype != np.uint8:  # image patches keep their pixels' type
+                    feats = feats.astype(np.float32)
                 bags = tuple(np.split(feats, np.cumsum(lengths)[:-1])) if len(lengths) else ()
                 patients = (tuple(str(p) for p in z[f"{split}_patients"])
                             if f"{split}_patients" in z.files else None)
