@@ -99,7 +99,7 @@ def test_model_zoo_table_has_a_row_per_model(tmp_path: Path, images: Path) -> No
     from simulations import models
 
     data, out, cfg = images, tmp_path / "zoo", _tiny(rounds=2)
-    for name in ("dsmil", "sparse-mil"):
+    for name in ("dsmil", "sparse-mil", "multiscale-mil"):  # multiscale: regions of images
         paper.run_row("central", data, out / name, cfg.model_copy(update={"model": name}),
                       folds=2, repeats=1, epsilon=None)
     summary = json.loads((out / "dsmil" / "central.json").read_text())
@@ -108,6 +108,8 @@ def test_model_zoo_table_has_a_row_per_model(tmp_path: Path, images: Path) -> No
     results.write_text(f"x\n{models.START}\nOLD\n{models.END}\ny\n")
     text = models.table(out, results)
     assert "| `dsmil` |" in text and "| `sparse-mil` |" in text and "2 x 1" in text
+    assert "| `multiscale-mil` |" in text and (out / "multiscale-mil" /
+                                              "bags-color-texture-16px-regions4x.npz").is_file()
     assert "OLD" not in results.read_text()
     with pytest.raises(SystemExit):  # an unknown model fails before any work
         models.main(["--data", str(data), "--out", str(out), "--models", "nope"])
@@ -124,3 +126,7 @@ def test_abstention_table_compares_mc_dropout_with_plain_confidence(
     result = json.loads((tmp_path / "ab" / "abstention.json").read_text())
     assert all(len(v) == 2 and all(0 <= a <= 1 for a in v)
                for v in result["accuracy"].values())
+    assert abstention.main(["--data", str(images), "--out", str(tmp_path / "cnn"), "--model",
+                            "residual-patch-cnn", "--folds", "2", "--repeats", "1",
+                            "--passes", "3"]) == 0  # the patch CNN adds test-time augmentation
+    assert "| test-time augmentation (3 rotations/flips) |" in capsys.readouterr().out
