@@ -350,7 +350,11 @@ class RoundBook:
         models = done_before + self.models
         cfg = self.cfg
         latest = self.run.latest_checkpoint() if self.run is not None else None
-        released = self.release()
+        try:
+            released = self.release()
+        except (PathFedError, OSError, ValueError) as err:  # the run's records come first
+            log.warning("no released model.npz: %s", err)
+            released = None
         recent = [h["val_auc"] for h in self.history[-LAST_K:]
                   if _finite(h.get("val_auc"))]
         summary = json_safe({
