@@ -263,3 +263,37 @@ def test_ranks_keep_negligible_attention_at_the_bottom() -> None:
     assert not tumour_patches(scores, False).any()
     assert dice_iou(np.array([1, 1, 0], bool), np.array([1, 0, 0], bool)) == (2 / 3, 0.5)
     assert dice_iou(np.zeros(3, bool), np.zeros(3, bool)) == (1.0, 1.0)
+
+
+def test_a_multiscale_model_scores_every_high_power_patch(slides: Path, tmp_path: Path) -> None:
+    """Regions in, one score per 1 um/px patch out: its region's weight times its share of
+    the cross-scale attention, in the feature file's patch order."""
+    import torch
+
+    from common.models import build_model
+    from common.predict import predict
+
+    features = tmp_path / "ms"
+    prepare(slides, features, mpp=1.0, context_mpp=(4.0,), patch_size=32, progress=False)
+    with h5py.File(next(features.glob("h*.h5"))) as h5:
+        settings = str(h5.attrs["settings"])
+    torch.manual_seed(0)
+    net = build_model("multiscale-mil", in_dim=21, children=16)
+    card = ModelCard(model="multiscale-mil", model_options="", kind="multiscale", in_dim=21,
+                     children=16, features=settings, threshold=0.0, round=1, run_id="r")
+    RunFolder(tmp_path / "run").save_release(RELEASE, release_bytes(
+        list(net.state_dict()), [v.numpy() for v in net.state_dict().values()], card))
+    summary = predict(features, tmp_path / "run", tmp_path / "out", progress=False,
+                      heatmaps=False)
+    row = next(r for r in summary.rows if r.status == "done")
+    stem = Path(row.slide).stem
+    with h5py.File(tmp_path / "out" / f"{stem}_scores.h5") as h5, \
+            h5py.File(features / f"{stem}.h5") as fh:
+        assert np.array_equal(h5["coords"][:], fh["coords"][:])  # the finest patches
+        assert np.isclose(h5["scores"][:].sum(), 1.0, atol=1e-4)
+    assert row.n_patches == len(fh_coords(features / f"{stem}.h5"))
+
+
+def fh_coords(path: Path) -> np.ndarray:
+    with h5py.File(path) as h5:
+        return np.asarray(h5["coords"])
