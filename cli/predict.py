@@ -41,6 +41,9 @@ def add_parser(sub: Any) -> None:
                    "of the attention (default 2)")
     p.add_argument("--slides", metavar="DIR",
                    help="the slides of a feature folder, for thumbnails and top patches")
+    p.add_argument("--stain-target", metavar="IMAGE",
+                   help="the stain target image the model's features were normalised to "
+                   "(when it was not PathFed's default)")
     p.add_argument("--slide-mpp", type=float, metavar="MPP",
                    help="baseline microns per pixel of slides that record none")
     p.add_argument("--workers", type=int, default=1, metavar="N")
@@ -64,6 +67,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         threshold=args.threshold, max_uncertainty=args.max_uncertainty, passes=args.passes,
         top_k=args.top_k, segment_threshold=args.segment_threshold or SEGMENT_THRESHOLD,
         encoder=args.encoder, weights=args.weights, slide_mpp=args.slide_mpp,
+        stain_target=args.stain_target,
         slides_dir=Path(args.slides) if args.slides else None,
         key=load_key(args.key_file) if args.key_file else None, workers=args.workers,
         progress=not args.no_progress, heatmaps=not args.no_heatmaps))

@@ -32,6 +32,12 @@ def add_parser(sub: Any) -> None:
                    help="feature encoder: color-texture (default), resnet-tiny, patch-cnn, "
                    "timm:ARCH (`pathfed models` lists them)")
     p.add_argument("--weights", metavar="FILE", help="local weights file of the encoder")
+    p.add_argument("--stain-normalize", choices=["none", "macenko", "reinhard"],
+                   default="none", help="normalise every patch's stain before the encoder "
+                   "(default none); recorded in the settings, so a mixed folder is refused")
+    p.add_argument("--stain-target", metavar="IMAGE",
+                   help="the image to normalise to (default: PathFed's reference tile, "
+                   "rendered from Macenko's published reference stains)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help=f"processes reading patches (default 1; this machine has "
                    f"{os.cpu_count()} cores). More only pay off on large multi-level slides "
@@ -73,6 +79,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         patch_size=args.patch_size,
         encoder=args.encoder, weights=args.weights, workers=args.workers,
         tissue_threshold=args.tissue_threshold, overlap=args.overlap,
+        stain_normalize=args.stain_normalize, stain_target=args.stain_target,
         slide_mpp=args.slide_mpp, progress=not args.no_progress, device=args.device,
     )
     c = summary.counts

@@ -63,6 +63,8 @@ class PredictOptions:
     weights: str | Path | None = None
     """Local weights of the encoder, for slides prepared on the fly."""
     slide_mpp: float | None = None
+    stain_target: str | Path | None = None
+    """The stain target image the model's features were normalised to, if not the default."""
     slides_dir: Path | None = None
     """Where the slides of a feature folder lie (for thumbnails and top patches)."""
     key: bytes | None = None
@@ -210,13 +212,15 @@ def _check_features(folder: Path, card: ModelCard) -> None:
         raise ConfigError(f"{folder}: the model was trained on images embedded on the fly "
                           f"({card.features}); give the image folder itself")
     want = {k: card.setting(k) for k in ("encoder", "weights", "patch", "mpp")}
+    want["stain"] = card.setting("stain") or "none"
     for path in sorted(folder.glob("*.h5")):
         try:
             with h5py.File(path, "r") as h5:
                 key = str(h5.attrs.get("settings", ""))
         except OSError:
             continue  # damaged: that slide fails alone
-        got = dict(part.split("=", 1) for part in key.split(";") if "=" in part)
+        got = {"stain": "none", **dict(part.split("=", 1) for part in key.split(";")
+                                       if "=" in part)}
         differ = [k for k, v in want.items() if v is not None and got.get(k) != v]
         if differ:
             raise ConfigError(
@@ -237,13 +241,19 @@ def _prepare_slides(slides: Path, out: Path, card: ModelCard, opts: PredictOptio
                           f"{weights_hash[:12]}, these weights are {enc.weights_hash[:12]}; "
                           "give the encoder's weights file with --weights")
     scales = [float(m) for m in (setting("mpp") or "0.5").split(",")]
+    method, _, target = (setting("stain") or "none").partition(":")
+    if target not in ("", "default") and opts.stain_target is None:
+        raise ConfigError(f"the model's features were stain-normalised to a target image "
+                          f"(SHA-256 {target}...); give it with --stain-target")
     features = out / "features"
     prepare(slides, features, PrepareOptions(
+        stain_normalize=method, stain_target=opts.stain_target if method != "none" else None,
         mpp=scales[0], context_mpp=tuple(scales[1:]), patch_size=int(setting("patch") or 256),
         encoder=encoder, weights=opts.weights, workers=opts.workers,
         tissue_threshold=float(setting("tissue") or 0.5),
         overlap=int(setting("overlap") or 0), slide_mpp=opts.slide_mpp,
         progress=opts.progress))
+    _check_features(features, card)  # e.g. a --stain-target other than the model's
     return features
 
 

@@ -297,3 +297,22 @@ def test_a_multiscale_model_scores_every_high_power_patch(slides: Path, tmp_path
 def fh_coords(path: Path) -> np.ndarray:
     with h5py.File(path) as h5:
         return np.asarray(h5["coords"])
+
+
+def test_slides_are_prepared_with_the_model_s_stain_normalisation(slides: Path,
+                                                                   tmp_path: Path) -> None:
+    from common.predict import predict
+
+    features = tmp_path / "norm"
+    prepare(slides, features, mpp=1.0, patch_size=32, progress=False,
+            stain_normalize="reinhard")
+    _release(tmp_path / "run", features)
+    a = predict(features, tmp_path / "run", tmp_path / "a", progress=False, heatmaps=False)
+    b = predict(slides, tmp_path / "run", tmp_path / "b", progress=False, heatmaps=False)
+    assert ";stain=reinhard:default" in a.card.features
+    got = {r.slide: r.probability for r in b.rows if r.status == "done"}
+    assert got and all(got[r.slide] == r.probability for r in a.rows if r.status == "done")
+    raw = tmp_path / "raw"
+    prepare(slides, raw, mpp=1.0, patch_size=32, progress=False)
+    with pytest.raises(ConfigError, match="stain=none, the model expects stain=reinhard"):
+        predict(raw, tmp_path / "run", tmp_path / "c", progress=False)

@@ -408,3 +408,54 @@ def test_encoder_declarations_are_enforced(tmp_path: Path) -> None:
             build_encoder("test-needs-weights")
     finally:
         ENCODERS.pop("test-liar"), ENCODERS.pop("test-needs-weights")
+
+
+def test_stain_normalisation_targets_the_published_reference(tmp_path: Path) -> None:
+    from common.wsi.stain import (
+        MACENKO_REFERENCE,
+        MacenkoNormalizer,
+        StainNormalizer,
+        _to_lab,
+        reference_tile,
+    )
+
+    fitted = MacenkoNormalizer().fit(reference_tile())
+    assert np.allclose(fitted.stain_matrix, MACENKO_REFERENCE[0], atol=0.01)
+    image = synthetic_tissue(96, 96, seed=3)
+    reinhard = StainNormalizer("reinhard")
+    out = reinhard(image[None])[0]
+    target = _to_lab(reference_tile()).reshape(-1, 3)
+    got = _to_lab(out).reshape(-1, 3)
+    assert np.allclose(got.mean(0), target.mean(0), atol=0.02)  # up to uint8 rounding
+    assert reinhard.key == "reinhard:default" and StainNormalizer("none").key == "none"
+    assert np.array_equal(StainNormalizer("none")(image[None]), image[None])
+    Image.fromarray(image).save(tmp_path / "t.png")
+    assert StainNormalizer("macenko", str(tmp_path / "t.png")).key.startswith("macenko:")
+    with pytest.raises(DataError, match="cannot read the image"):
+        StainNormalizer("macenko", str(tmp_path / "nope.png"))
+
+
+def test_prepare_records_stain_normalisation_and_refuses_a_mixed_folder(
+        pyramid_slide: Path, tmp_path: Path) -> None:
+    from common.data.h5 import load_h5_bags
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(pyramid_slide, slides / "a.tif")
+    shutil.copy(pyramid_slide, slides / "b.tif")
+    (slides / "labels.csv").write_text("slide,label\na.tif,0\nb.tif,1\n")
+    raw, norm = tmp_path / "raw", tmp_path / "norm"
+    prepare(slides, raw, mpp=1.0, patch_size=64, progress=False)
+    prepare(slides, norm, mpp=1.0, patch_size=64, progress=False, stain_normalize="macenko")
+    key = read_manifest(norm / "manifest.csv")["a.tif"]["settings"]
+    assert key.endswith(";stain=macenko:default")
+    with h5py.File(raw / "a.h5") as r, h5py.File(norm / "a.h5") as n:
+        assert r["features"].shape == n["features"].shape
+        assert not np.allclose(r["features"][:], n["features"][:])
+        assert np.array_equal(r["qc_blur"][:], n["qc_blur"][:])  # QC is of the raw pixels
+    shutil.copy(raw / "b.h5", norm / "b.h5")  # one slide of each
+    with pytest.raises(DataError, match="different stain normalisation"):
+        load_h5_bags(norm)
+    r = run_cli("prepare", str(slides), "--out", str(tmp_path / "x"), "--stain-target",
+                str(tmp_path / "t.png"))
+    assert r.returncode == 2 and "does nothing" in r.stderr

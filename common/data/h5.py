@@ -84,6 +84,7 @@ def load_h5_bags(folder: str | Path, labels_csv: str | Path | None = None,
     dims: set[int] = set()
     encoders: dict[tuple[str, str], str] = {}
     layouts: dict[int, str] = {}
+    stains: dict[str, str] = {}
     missing = []
     for row in rows:
         name = row.name
@@ -106,6 +107,7 @@ def load_h5_bags(folder: str | Path, labels_csv: str | Path | None = None,
             raise DataError(f"{h5_path}: {bad} patch(es) with NaN or inf features; re-run "
                             "`pathfed prepare` on its slide (or remove it from labels.csv)")
         encoders.setdefault(made_by, h5_path.name)
+        stains.setdefault(_stain(attrs), h5_path.name)
         dims.add(features.shape[1])
         out.bags.append(features)
         labels.append(row.label)
@@ -124,6 +126,11 @@ def load_h5_bags(folder: str | Path, labels_csv: str | Path | None = None,
         raise DataError(f"{folder}: feature files made by different encoders or weights "
                         f"({first}: {a[0]} {a[1][:12] or '-'}; {second}: {b[0]} "
                         f"{b[1][:12] or '-'}); prepare every slide with one encoder")
+    if len(stains) > 1:
+        (m1, file1), (m2, file2) = list(stains.items())[:2]
+        raise DataError(f"{folder}: feature files made with different stain normalisation "
+                        f"({file1}: {m1}; {file2}: {m2}); prepare every slide with one "
+                        "--stain-normalize and --stain-target")
     if len(layouts) > 1:
         (k1, file1), (k2, file2) = list(layouts.items())[:2]
         raise DataError(f"{folder}: feature files prepared at different scales ({file1}: "
@@ -137,6 +144,13 @@ def load_h5_bags(folder: str | Path, labels_csv: str | Path | None = None,
                         "prepare them all with one encoder")
     return H5Bags(out.bags, np.array(labels, dtype=np.int64), out.names, out.groups,
                   out.patients, out.paths, next(iter(layouts), 0))
+
+
+def _stain(attrs: dict[str, object]) -> str:
+    for part in str(attrs.get("settings", "")).split(";"):
+        if part.startswith("stain="):
+            return part.removeprefix("stain=")
+    return "none"
 
 
 def h5_layout(folder: str | Path, multiscale: bool = False) -> Layout:

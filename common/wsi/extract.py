@@ -109,7 +109,7 @@ def _write_features(
     out_path: Path, reader: SlideReader, grid: PatchGrid, encoder: Encoder,
     settings: PrepareSettings, patch_reader: PatchReader, default_mpp: float | None,
     batch_size: int, on_batch: Callable[[int], None], slide_path: str,
-    contexts: list[ContextGrid],
+    contexts: list[ContextGrid], stain: Callable[[np.ndarray], np.ndarray],
 ) -> None:
     from common.data.featurefile import writing
 
@@ -117,10 +117,10 @@ def _write_features(
                  batch_size) as file:
         for patches, flags in patch_reader.batches(reader.path, default_mpp, grid.coords,
                                                    grid.mpp, grid.patch_size, batch_size):
-            file.add(encoder(patches), flags)
+            file.add(encoder(stain(patches)), flags)  # QC flags are of the raw pixels
             on_batch(len(patches))
         for context in contexts:
-            features = [encoder(patches) for patches, _ in patch_reader.batches(
+            features = [encoder(stain(patches)) for patches, _ in patch_reader.batches(
                 reader.path, default_mpp, context.coords, context.mpp, grid.patch_size,
                 batch_size)]
             on_batch(len(context))
@@ -146,7 +146,7 @@ def _process_slide(
     path: Path, out_path: Path, encoder: Encoder, settings: PrepareSettings,
     patch_reader: PatchReader, default_mpp: float | None, batch_size: int,
     thumbnail_size: int, on_grid: Callable[[int], None], on_batch: Callable[[int], None],
-    name: str = "",
+    name: str = "", stain: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> int:
     with open_slide(path, default_mpp=default_mpp) as reader:
         grid = tile_tissue(reader, settings.mpp, settings.patch_size, overlap=settings.overlap,
@@ -165,7 +165,8 @@ def _process_slide(
                     for mpp in settings.context_mpp]
         on_grid(len(grid) + sum(len(c) for c in contexts))
         _write_features(out_path, reader, grid, encoder, settings, patch_reader, default_mpp,
-                        batch_size, on_batch, name or path.name, contexts)
+                        batch_size, on_batch, name or path.name, contexts,
+                        stain or (lambda patches: patches))
         return len(grid)
 
 
@@ -191,6 +192,11 @@ class PrepareOptions:
     """The feature encoder (:func:`common.features.build_encoder`)."""
     weights: str | Path | None = None
     """The encoder's local weights file."""
+    stain_normalize: str = "none"
+    """Stain normalisation of every patch before the encoder: ``none``, ``macenko`` or
+    ``reinhard`` (:class:`common.wsi.stain.StainNormalizer`)."""
+    stain_target: str | Path | None = None
+    """The image to normalise to; PathFed's reference tile when None."""
     workers: int = 1
     """Processes reading patches (1: in this process)."""
     tissue_threshold: float = 0.5
@@ -225,6 +231,10 @@ class PrepareOptions:
              "scale is the finest; every other must be coarser (a larger um/px)"),
             (len(set(self.context_mpp)) != len(self.context_mpp) or len(self.context_mpp) > 2,
              "--mpp: two or three different scales at most"),
+            (self.stain_normalize not in ("none", "macenko", "reinhard"),
+             f"--stain-normalize {self.stain_normalize}: none, macenko or reinhard"),
+            (self.stain_target is not None and self.stain_normalize == "none",
+             "--stain-target without --stain-normalize macenko|reinhard does nothing"),
         ]
         for bad, message in problems:
             if bad:
@@ -267,13 +277,17 @@ def prepare(slides_dir: str | Path, out_dir: str | Path,
     slides_dir = Path(slides_dir)
     slides = find_slides(slides_dir)
     enc = opts.build_encoder()
+    from common.wsi.stain import StainNormalizer
+
+    stain = StainNormalizer(opts.stain_normalize,
+                            str(opts.stain_target) if opts.stain_target else None)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out: {out} is a file; give a folder for the feature files")
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock_folder(out)
     try:
-        return _prepare_locked(slides, slides_dir, out, enc, opts)
+        return _prepare_locked(slides, slides_dir, out, enc, opts, stain)
     finally:
         lock.close()
 
@@ -303,9 +317,11 @@ def _lock_folder(out: Path) -> Any:
 
 
 def _prepare_locked(slides: list[Path], slides_dir: Path, out: Path, enc: Encoder,
-                    opts: PrepareOptions) -> PrepareSummary:
+                    opts: PrepareOptions, stain: Callable[[np.ndarray], np.ndarray]
+                    ) -> PrepareSummary:
     settings = PrepareSettings(opts.mpp, opts.patch_size, enc.name, enc.weights_hash,
-                               opts.tissue_threshold, opts.overlap, tuple(opts.context_mpp))
+                               opts.tissue_threshold, opts.overlap, tuple(opts.context_mpp),
+                               getattr(stain, "key", "none"))
     manifest_path = out / MANIFEST
     rows = read_manifest(manifest_path)
     if (slides_dir / LABELS).is_file():  # so that OUT_DIR alone is a training data folder
@@ -339,7 +355,7 @@ def _prepare_locked(slides: list[Path], slides_dir: Path, out: Path, enc: Encode
                 try:
                     n = _process_slide(path, out_path, enc, settings, patch_reader,
                                        opts.slide_mpp, opts.batch_size, opts.thumbnail_size,
-                                       bars.set_patches, bars.advance_patches, name)
+                                       bars.set_patches, bars.advance_patches, name, stain)
                     result = SlideResult(name, DONE, "", n, time.perf_counter() - t0,
                                          out_path.name, settings.key())
                 except (PathFedError, OSError, ValueError) as err:

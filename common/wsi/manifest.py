@@ -28,13 +28,25 @@ class PrepareSettings:
     overlap: int = 0
     context_mpp: tuple[float, ...] = ()
     """Coarser scales written beside ``mpp`` (multi-scale features)."""
+    stain: str = "none"
+    """Stain normalisation, ``method:target`` (:class:`common.wsi.stain.StainNormalizer`)."""
 
     def key(self) -> str:
         """A stable one-line form recorded in the manifest."""
         scales = ",".join(f"{m:g}" for m in (self.mpp, *self.context_mpp))
+        stain = f";stain={self.stain}" if self.stain != "none" else ""
         return (f"mpp={scales};patch={self.patch_size};encoder={self.encoder};"
                 f"weights={self.weights_hash};tissue={self.tissue_threshold:g};"
-                f"overlap={self.overlap}")
+                f"overlap={self.overlap}{stain}")
+
+
+def settings_field(key: str, name: str) -> str | None:
+    """One ``name=value`` field of a settings key, or None."""
+    for part in key.split(";"):
+        field, sep, value = part.partition("=")
+        if sep and field == name:
+            return value
+    return None
 
 
 @dataclass

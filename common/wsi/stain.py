@@ -144,3 +144,109 @@ def hed_augment_tensor(images: torch.Tensor, rng: np.random.Generator, scale: fl
     hed = torch.einsum("bchw,cd->bdhw", od, to_hed)
     od = torch.einsum("bchw,cd->bdhw", hed * a + b, to_rgb)
     return ((IO * torch.exp(-od) - 1.0) / 255.0).clamp(0.0, 1.0)
+
+
+# --- Stain normalisation in prepare ------------------------------------------------------
+
+MACENKO_REFERENCE = (np.array([[0.5626, 0.7201, 0.4062], [0.2159, 0.8012, 0.5581]]),
+                     np.array([1.9705, 1.0308]))
+"""Stain vectors (rows: H, E; optical density) and 99th-percentile concentrations of the
+reference in Macenko et al.'s reference implementation: the default target of the common
+Macenko normalisers (StainTools, torchstain: ``HERef``, ``maxCRef``)."""
+
+METHODS = ("none", "macenko", "reinhard")
+
+
+def reference_tile(size: int = 256, seed: int = 0) -> np.ndarray:
+    """PathFed's default stain target, ``uint8[size, size, 3]``: tissue rendered from
+    :data:`MACENKO_REFERENCE`'s stains (each pixel a random mix of haematoxylin and eosin up
+    to the reference concentrations, a fifth of it background), so that both methods
+    normalise towards the same published reference, and no image need ship."""
+    rng = np.random.default_rng(seed)
+    he, max_c = MACENKO_REFERENCE
+    conc = rng.uniform(0.0, 1.0, (size * size, 2)) ** 2 * max_c
+    conc[rng.random(size * size) < 0.2] = 0.01  # background
+    return from_od(conc @ he).reshape(size, size, 3)
+
+
+_LMS = np.array([[0.3811, 0.5783, 0.0402], [0.1967, 0.7244, 0.0782],
+                 [0.0241, 0.1288, 0.8444]])
+_LAB = (np.diag([1 / np.sqrt(3), 1 / np.sqrt(6), 1 / np.sqrt(2)])
+        @ np.array([[1.0, 1.0, 1.0], [1.0, 1.0, -2.0], [1.0, -1.0, 0.0]]))
+
+
+def _to_lab(image: np.ndarray) -> np.ndarray:
+    """Reinhard et al.'s l-alpha-beta of ``uint8[..., 3]`` (log LMS, decorrelated)."""
+    rgb = np.maximum(image[..., :3].astype(np.float64), 1.0)
+    return np.log10(rgb @ _LMS.T) @ _LAB.T
+
+
+def _from_lab(lab: np.ndarray) -> np.ndarray:
+    rgb = (10.0 ** (lab @ np.linalg.inv(_LAB).T)) @ np.linalg.inv(_LMS).T
+    return np.clip(rgb, 0, 255).round().astype(np.uint8)
+
+
+class ReinhardNormalizer:
+    """Reinhard et al. (2001) colour transfer: each l-alpha-beta channel's mean and sd
+    matched to the target's."""
+
+    def __init__(self) -> None:
+        self.mean: np.ndarray | None = None
+        self.std: np.ndarray | None = None
+
+    def fit(self, reference: np.ndarray) -> ReinhardNormalizer:
+        lab = _to_lab(reference).reshape(-1, 3)
+        self.mean, self.std = lab.mean(0), np.maximum(lab.std(0), 1e-6)
+        return self
+
+    def transform(self, image: np.ndarray) -> np.ndarray:
+        if self.mean is None or self.std is None:
+            raise RuntimeError("ReinhardNormalizer.transform called before fit")
+        lab = _to_lab(image)
+        flat = lab.reshape(-1, 3)
+        mean, std = flat.mean(0), np.maximum(flat.std(0), 1e-6)
+        return _from_lab((lab - mean) / std * self.std + self.mean)
+
+
+class StainNormalizer:
+    """A batch of patches to one stain target: ``normalizer(uint8[n, P, P, 3])``.
+
+    Args:
+        method: ``macenko``, ``reinhard`` or ``none``.
+        target: an image file to normalise to; None for :func:`reference_tile`.
+    """
+
+    def __init__(self, method: str, target: str | None = None) -> None:
+        if method not in METHODS:
+            raise DataError(f"stain normalisation {method!r}: one of {', '.join(METHODS)}")
+        self.method = method
+        self.target = target
+        self.key = "none"
+        """What the settings record: ``method:target`` (``default`` or the target file's
+        SHA-256, 12 digits)."""
+        if method == "none":
+            self._norm: MacenkoNormalizer | ReinhardNormalizer | None = None
+            return
+        if target is None:
+            image, which = reference_tile(), "default"
+        else:
+            import hashlib
+
+            from PIL import Image, UnidentifiedImageError
+
+            try:
+                data = open(target, "rb").read()
+                with Image.open(target) as im:
+                    image = np.asarray(im.convert("RGB"))
+            except (OSError, UnidentifiedImageError) as err:
+                raise DataError(f"--stain-target {target}: cannot read the image ({err})"
+                                ) from None
+            which = hashlib.sha256(data).hexdigest()[:12]
+        norm = MacenkoNormalizer() if method == "macenko" else ReinhardNormalizer()
+        self._norm = norm.fit(image)
+        self.key = f"{method}:{which}"
+
+    def __call__(self, patches: np.ndarray) -> np.ndarray:
+        if self._norm is None:
+            return patches
+        return np.stack([self._norm.transform(p) for p in patches]) if len(patches) else patches
