@@ -77,6 +77,11 @@ class FederationConfig(BaseModel):
         0.05, ge=0.0, le=0.5,
         description="HED stain augmentation strength for patch-model training (0: off).",
     )
+    stain_normalize: Literal["none", "macenko", "reinhard"] = Field(
+        "none", description="Stain normalisation of image-folder patches before the encoder, "
+        "to PathFed's reference tile (prepared features record their own, from `pathfed "
+        "prepare --stain-normalize`).",
+    )
 
     # Model and local training
     model: str = Field("gated-attention-mil", description="Model name in the registry.")

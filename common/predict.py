@@ -322,6 +322,7 @@ def _image_bags(folder: Path, card: ModelCard, only: frozenset[str] | None = Non
     from common.data.images import (
         CONTEXT_FACTOR,
         _grid,
+        _stain_then,
         _tissue_keep,
         read_image,
         tissue_regions,
@@ -331,7 +332,9 @@ def _image_bags(folder: Path, card: ModelCard, only: frozenset[str] | None = Non
     from common.wsi.reader import SLIDE_SUFFIXES
 
     patch = int(card.setting("patch") or 32)
-    encoder = (get_encoder(card.setting("encoder") or "color-texture")
+    stain = (card.setting("stain") or "none").partition(":")[0]
+    normalise = _stain_then(stain, lambda patches: patches)
+    encoder = (_stain_then(stain, get_encoder(card.setting("encoder") or "color-texture"))
                if card.kind != "patches" else None)
     masks = _masks(folder, None)
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in
@@ -358,7 +361,7 @@ def _image_bags(folder: Path, card: ModelCard, only: frozenset[str] | None = Non
             features = pack_regions(encoder(regions), encoder(patches), parent,
                                     CONTEXT_FACTOR ** 2)
         elif card.kind == "patches":  # the pixels, scaled as training scaled them
-            features = _normalised(_grid(image, patch)[keep])
+            features = _normalised(normalise(_grid(image, patch)[keep]))
         else:
             assert encoder is not None
             features = encoder(_grid(image, patch)[keep])

@@ -133,13 +133,14 @@ class Site:
         self.data: SiteData = load_site(
             share, shares, source, cfg.seed, cfg.val_fraction,
             cfg.synthetic_bags, cfg.patch_size, "" if self.patches else cfg.encoder,
-            model_kind(cfg) == "multiscale",
+            model_kind(cfg) == "multiscale", cfg.stain_normalize,
         )
         self._check_data(source)
         from common.data.sources import feature_provenance
 
         self.features = feature_provenance(source, cfg.patch_size,
-                                           "" if self.patches else cfg.encoder)
+                                           "" if self.patches else cfg.encoder,
+                                           cfg.stain_normalize)
         """How this site's features were made (reported with its evaluation, for the
         released model's card)."""
         # One DP sample is one patient when the data names patients, else one slide.

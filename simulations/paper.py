@@ -72,9 +72,10 @@ class Embedded:
 
 
 def embed(data: Path, out: Path, patch_size: int, encoder: str,
-          multiscale: bool = False) -> Embedded:
+          multiscale: bool = False, stain: str = "none") -> Embedded:
     """Embed the images once (cached in ``out``) and place them in 5 hospitals; with
-    ``multiscale``, as bags of regions (:func:`common.data.images.embed_images`)."""
+    ``multiscale``, as bags of regions, with ``stain``, stain-normalised first
+    (:func:`common.data.images.embed_images`)."""
     from common.data.images import CONTEXT_FACTOR, assign_sites, embed_images, read_labels
 
     items = read_labels(data)
@@ -82,6 +83,7 @@ def embed(data: Path, out: Path, patch_size: int, encoder: str,
                    for h, site in enumerate(assign_sites(items, HOSPITALS)) for item in site}
     children = CONTEXT_FACTOR ** 2 if multiscale else 0
     scales = f"-regions{CONTEXT_FACTOR}x" if multiscale else ""
+    scales += f"-{stain}" if stain != "none" else ""
     cache = out / f"bags-{encoder}-{patch_size}px{scales}.npz"
     if cache.exists():
         with np.load(cache, allow_pickle=False) as z:
@@ -89,7 +91,7 @@ def embed(data: Path, out: Path, patch_size: int, encoder: str,
             bags = list(np.split(z["features"], np.cumsum(lengths)[:-1]))
             labels = z["labels"]
     else:
-        bags, kept, _ = embed_images(items, patch_size, encoder, multiscale)
+        bags, kept, _ = embed_images(items, patch_size, encoder, multiscale, stain)
         names = [item.path.name for item in kept]
         labels = np.array([item.label for item in kept], dtype=np.int64)
         out.mkdir(parents=True, exist_ok=True)
@@ -220,7 +222,8 @@ def run_row(row: str, data: Path, out: Path, cfg: FederationConfig, folds: int, 
 
     from common.site import model_kind
 
-    emb = embed(data, out, cfg.patch_size, cfg.encoder, model_kind(cfg) == "multiscale")
+    emb = embed(data, out, cfg.patch_size, cfg.encoder, model_kind(cfg) == "multiscale",
+                cfg.stain_normalize)
     tests = cv_folds(emb.labels, folds, repeats, cfg.seed)
     dp = row in ("dp", "dp-secagg")
     cfg = cfg.model_copy(update={
@@ -392,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     protocol_arguments(parser, "results/paper")
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--epsilon", type=float, help="per-hospital budget (dp rows)")
+    parser.add_argument("--stain-normalize", choices=["none", "macenko", "reinhard"],
+                        help="stain-normalise every patch before the encoder (default: the "
+                        "config's, none)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.row == "table":
@@ -399,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     check_data(parser, args.data)
     cfg = FederationConfig.from_mapping(load_config_file(args.config), str(args.config))
+    if args.stain_normalize:
+        cfg = cfg.model_copy(update={"stain_normalize": args.stain_normalize})
     summary = run_row(args.row, args.data, args.out, cfg, args.folds, args.repeats,
                       args.epsilon)
     print(f"{_label(summary)}: accuracy {summary['accuracy'][0]:.3f} ± "

@@ -255,3 +255,26 @@ def test_site_files_keep_image_patches_as_pixels(tmp_path: Path) -> None:
     assert np.array_equal(back.train.bags[1], bags[1])
     assert back.train.to_patch_dataset(4, seed=0, stain_augment=0.1).tensors[0].shape == (
         2, 4, 3, 8, 8)  # stain augmentation needs pixels, not floats
+
+
+def test_image_folders_can_be_stain_normalised(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from common.config import FederationConfig
+    from common.data.images import image_folder_site
+    from common.data.sources import feature_provenance
+    from common.wsi.synthetic import synthetic_tissue
+
+    for i in range(4):
+        Image.fromarray(synthetic_tissue(128, 96, seed=i, tissue_fraction=0.9)).save(
+            tmp_path / f"im{i}.png")
+    (tmp_path / "labels.csv").write_text("image,label\n" + "".join(
+        f"im{i}.png,{i % 2}\n" for i in range(4)))
+    raw = image_folder_site(tmp_path, 0, 1, patch_size=32)
+    norm = image_folder_site(tmp_path, 0, 1, patch_size=32, stain="macenko")
+    assert raw.train.bags[0].shape == norm.train.bags[0].shape
+    assert not np.allclose(raw.train.bags[0], norm.train.bags[0])
+    assert feature_provenance(str(tmp_path), 32, "color-texture", "macenko").endswith(
+        ";stain=macenko:default")
+    assert FederationConfig(stain_normalize="reinhard").to_run_config()[
+        "stain-normalize"] == "reinhard"

@@ -16,6 +16,7 @@ by the same encoder, and each kept patch is that region's child
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,16 @@ def tissue_regions(image: np.ndarray, patch_size: int, factor: int = CONTEXT_FAC
     return regions, patches[keep], parent.reshape(-1).astype(np.int64)
 
 
+def _stain_then(stain: str, encode: Callable[[np.ndarray], np.ndarray]
+                ) -> Callable[[np.ndarray], np.ndarray]:
+    if stain == "none":
+        return encode
+    from common.wsi.stain import StainNormalizer
+
+    normalise = StainNormalizer(stain)
+    return lambda patches: encode(normalise(patches))
+
+
 def _read_mask(item: LabelledImage) -> np.ndarray | None:
     if item.mask is None:
         return None
@@ -135,15 +146,17 @@ def _read_mask(item: LabelledImage) -> np.ndarray | None:
 
 def embed_images(
     items: list[LabelledImage], patch_size: int, encoder: str | None,
-    multiscale: bool = False,
+    multiscale: bool = False, stain: str = "none",
 ) -> tuple[list[np.ndarray], list[LabelledImage], list[np.ndarray | None]]:
     """Bags of patch features (or of the patches themselves when ``encoder`` is None),
     with per-patch labels where the image has an annotation mask; unreadable or empty
     images are skipped with a warning. With ``multiscale``, bags of regions
-    (:func:`tissue_regions`, :func:`common.data.multiscale.pack_regions`), unannotated."""
+    (:func:`tissue_regions`, :func:`common.data.multiscale.pack_regions`), unannotated.
+    ``stain`` (``macenko``, ``reinhard``) normalises every patch first, to PathFed's
+    reference tile (:class:`common.wsi.stain.StainNormalizer`)."""
     if multiscale and not encoder:
         raise ValueError("multi-scale bags are bags of features: give an encoder")
-    encode = get_encoder(encoder) if encoder else (lambda patches: patches)
+    encode = _stain_then(stain, get_encoder(encoder) if encoder else (lambda patches: patches))
     bags: list[np.ndarray] = []
     kept: list[LabelledImage] = []
     patch_labels: list[np.ndarray | None] = []
@@ -183,6 +196,7 @@ def embed_images(
 def image_folder_site(
     folder: Path, index: int, n_sites: int, seed: int = 0, val_fraction: float = 0.3,
     patch_size: int = 32, encoder: str | None = "color-texture", multiscale: bool = False,
+    stain: str = "none",
 ) -> SiteData:
     """Site ``index`` of a folder split into ``n_sites`` hospitals by ``tma_group``.
 
@@ -190,7 +204,7 @@ def image_folder_site(
     for training a patch model; with ``multiscale``, regions (see :func:`embed_images`).
     """
     items = assign_sites(read_labels(folder), n_sites)[index]
-    bags, kept, patch_labels = embed_images(items, patch_size, encoder, multiscale)
+    bags, kept, patch_labels = embed_images(items, patch_size, encoder, multiscale, stain)
     if not bags:
         raise DataError(f"{folder}: site-{index} has no readable image with tissue")
     labels = np.array([item.label for item in kept], dtype=np.int64)

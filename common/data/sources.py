@@ -98,7 +98,7 @@ def site_folder_file(folder: Path, index: int, n_sites: int) -> Path:
 def load_site(
     index: int, n_sites: int, data: str, seed: int, val_fraction: float,
     synthetic_bags: int = 300, patch_size: int = 32, encoder: str = "color-texture",
-    multiscale: bool = False,
+    multiscale: bool = False, stain: str = "none",
 ) -> SiteData:
     """Return site ``index`` of ``n_sites``: the one front door to a site's bags.
 
@@ -130,7 +130,7 @@ def load_site(
 
     return image_folder_site(source.path, index, n_sites, seed=seed, val_fraction=val_fraction,
                              patch_size=patch_size, encoder=encoder or None,
-                             multiscale=multiscale)
+                             multiscale=multiscale, stain=stain)
 
 
 _ONE_SCALE = ("{what} have one scale; a multi-scale model needs slides prepared at two "
@@ -169,7 +169,8 @@ def feature_layout(data: str | None, patch_size: int, encoder: str,
                   CONTEXT_FACTOR ** 2 if multiscale else 0)
 
 
-def feature_provenance(data: str | None, patch_size: int, encoder: str) -> str:
+def feature_provenance(data: str | None, patch_size: int, encoder: str,
+                       stain: str = "none") -> str:
     """How ``data``'s features are made, as a model card records it: the ``pathfed
     prepare`` settings key of a prepared folder (from its first file), ``images;...`` for
     image folders embedded on the fly, ``synthetic`` for the embedded default, ``site
@@ -190,8 +191,9 @@ def feature_provenance(data: str | None, patch_size: int, encoder: str) -> str:
         from common.features import get_encoder
 
         enc = get_encoder(encoder) if encoder else None
-        return (f"images;patch={patch_size};encoder={enc.name};weights={enc.weights_hash}"
+        made = (f"images;patch={patch_size};encoder={enc.name};weights={enc.weights_hash}"
                 if enc else f"images;patch={patch_size};encoder=none;weights=none")
+        return made + (f";stain={stain}:default" if stain != "none" else "")
     return {"synthetic": "synthetic"}.get(source.kind, "site file")
 
 
