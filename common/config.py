@@ -85,6 +85,9 @@ class FederationConfig(BaseModel):
 
     # Model and local training
     model: str = Field("gated-attention-mil", description="Model name in the registry.")
+    init: str = Field(
+        "", description="Start from a released model (a run folder or its model.npz) instead "
+        "of a fresh initialisation; it must be a model of the same name and shape.")
     model_options: str = Field(
         "", description="The model's options as 'name=value,...' (e.g. 'hidden_dim=64,"
         "kernel=rbf'); `pathfed models` lists each model's options and defaults.")

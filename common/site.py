@@ -48,13 +48,33 @@ def feature_layout(cfg: FederationConfig) -> Layout:
 
 
 def initial_model(cfg: FederationConfig) -> torch.nn.Module:
-    """The federation's initial global model (deterministic in ``cfg.seed``)."""
+    """The federation's initial global model: deterministic in ``cfg.seed``, or the weights
+    of the released model ``cfg.init`` (the same model, options and shapes)."""
     torch.manual_seed(cfg.seed)
     kwargs = model_kwargs(cfg)
     try:
-        return build_model(cfg.model, **kwargs)
+        model = build_model(cfg.model, **kwargs)
     except (ValueError, TypeError) as err:  # an option value the model refuses
         raise ConfigError(f"model-options of {cfg.model!r}: {err}") from None
+    if cfg.init:
+        from common.release import load_model
+
+        weights, card, path = load_model(cfg.init)
+        if card is not None and (card.model, card.model_options) != (cfg.model,
+                                                                     cfg.model_options):
+            theirs = card.model_options or "no options"
+            raise ConfigError(f"init: {path} is a {card.model} ({theirs}); this run trains "
+                              f"{cfg.model} ({cfg.model_options or 'no options'}): set model "
+                              "and model-options to match")
+        own = model.state_dict()
+        if list(own) != list(weights) or any(tuple(own[k].shape) != weights[k].shape
+                                             for k in own):
+            raise ConfigError(f"init: {path} does not fit this run's {cfg.model} (its data "
+                              "has another feature size or layout)")
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+        log.info("initial model: %s (round %s of run %s)", path,
+                 card.round if card else "?", card.run_id if card else "?")
+    return model
 
 
 def model_kwargs(cfg: FederationConfig, layout: Layout | int | None = None) -> dict[str, Any]:

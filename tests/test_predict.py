@@ -316,3 +316,20 @@ def test_slides_are_prepared_with_the_model_s_stain_normalisation(slides: Path,
     prepare(slides, raw, mpp=1.0, patch_size=32, progress=False)
     with pytest.raises(ConfigError, match="stain=none, the model expects stain=reinhard"):
         predict(raw, tmp_path / "run", tmp_path / "c", progress=False)
+
+
+def test_a_federation_can_start_from_a_released_model(features: Path, tmp_path: Path) -> None:
+    from common.config import FederationConfig
+    from common.site import initial_model
+
+    _release(tmp_path / "run", features)
+    weights, _, _ = load_model(tmp_path / "run")
+    cfg = FederationConfig(data=str(features), init=str(tmp_path / "run"), seed=5)
+    model = initial_model(cfg)  # the released weights, whatever the seed
+    assert all(np.array_equal(v.numpy(), weights[k]) for k, v in model.state_dict().items())
+    assert not np.array_equal(initial_model(cfg.model_copy(update={"init": ""})).state_dict()[
+        "classifier.weight"].numpy(), weights["classifier.weight"])
+    with pytest.raises(ConfigError, match="is a gated-attention-mil.*this run trains dsmil"):
+        initial_model(cfg.model_copy(update={"model": "dsmil"}))
+    with pytest.raises(ConfigError, match="does not fit"):
+        initial_model(cfg.model_copy(update={"data": ""}))  # 32 synthetic features, not 21
