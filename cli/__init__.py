@@ -1,7 +1,8 @@
 """The ``pathfed`` command line: one module per command group, each registering its parsers.
 
 ``simulate`` (one-machine federations), ``prepare`` (slides to features), ``predict``
-(a released model on new slides, explained), ``consortium``
+(a released model on new slides, explained), ``finetune`` (a released model adapted
+to one hospital under its own DP budget), ``consortium``
 and ``site`` (keys; a hospital's SuperNode), ``server`` and ``run`` (the SuperLink; a
 federated run), ``audit`` (the privacy ledger), ``checkpoint`` (released models),
 ``models`` (the model and encoder registries). Heavy
@@ -15,12 +16,23 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cli import audit, checkpoint, consortium, models, predict, prepare, server, simulate
+from cli import (
+    audit,
+    checkpoint,
+    consortium,
+    finetune,
+    models,
+    predict,
+    prepare,
+    server,
+    simulate,
+)
 from cli._shared import EXIT_BAD_INPUT
 from common.errors import ConfigError, DataError, PathFedError, UnknownModelError
 from common.logs import setup_logging
 
-COMMANDS = (simulate, prepare, predict, consortium, server, audit, checkpoint, models)
+COMMANDS = (simulate, prepare, predict, finetune, consortium, server, audit, checkpoint,
+            models)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -333,3 +333,28 @@ def test_a_federation_can_start_from_a_released_model(features: Path, tmp_path: 
         initial_model(cfg.model_copy(update={"model": "dsmil"}))
     with pytest.raises(ConfigError, match="does not fit"):
         initial_model(cfg.model_copy(update={"data": ""}))  # 32 synthetic features, not 21
+
+
+@pytest.mark.slow
+def test_finetune_adapts_a_released_model_under_the_site_s_budget(
+        slides: Path, features: Path, tmp_path: Path) -> None:
+    from common.audit import audit_run
+    from common.config import FederationConfig
+    from common.finetune import finetune
+
+    _release(tmp_path / "base", features)
+    cfg = FederationConfig(data=str(features), rounds=2, batch_size=2, epsilon=4.0)
+    result = finetune(tmp_path / "base", cfg, tmp_path / "ft")
+    assert 0 < result.epsilon <= 4.0 and set(result.before) == {"auc", "accuracy",
+                                                                 "balanced_accuracy"}
+    weights, card, _ = load_model(tmp_path / "ft")
+    assert card is not None and card.features == load_model(tmp_path / "base")[1].features
+    assert audit_run(tmp_path / "ft").ok
+    other = tmp_path / "other"
+    prepare(slides, other, mpp=2.0, patch_size=32, progress=False)
+    with pytest.raises(ConfigError, match="mpp=2, the model's with mpp=1"):
+        finetune(tmp_path / "base", cfg.model_copy(update={"data": str(other)}),
+                 tmp_path / "ft2")
+    r = run_cli("finetune", str(tmp_path / "base"), "--data", str(features), "--out",
+                str(tmp_path / "ft3"), "--rounds", "1", "--set", "batch-size=2")
+    assert r.returncode == 0 and "held-out AUC" in r.stdout, r.stderr
