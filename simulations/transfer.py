@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-STAIN = (2.5, 0.8)
+STAIN = (1.5, 1.25)
 """The new hospital's haematoxylin and eosin, as multiples of the others' (optical density)."""
 
 
