@@ -49,3 +49,20 @@ def bags(name: str | None = None, b: int = 5, n: int = 9, d: int = 12,
         mask[i, n - i:] = False
     y = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0] * (b // 5 + 1))[:b]
     return x, mask, y
+
+
+def assert_per_bag_gradients(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor,
+                             y: torch.Tensor) -> None:
+    """PathFed's torch.func per-bag gradients equal one bag at a time, for every parameter
+    (each must get a gradient). Use the model in eval mode: training-time randomness
+    (dropout, masking) is drawn per bag but differently in the two computations."""
+    from common.training import _vmap_grad_samples
+
+    _vmap_grad_samples(model, [x, mask, y])
+    per_bag = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
+    for i in range(len(y)):
+        model.zero_grad()
+        model.sample_losses(x[i : i + 1], mask[i : i + 1], y[i : i + 1]).sum().backward()
+        for n, p in model.named_parameters():
+            assert p.grad is not None, n  # a parameter the model leaves unused
+            assert torch.allclose(per_bag[n][i], p.grad, atol=1e-6), n

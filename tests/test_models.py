@@ -10,8 +10,8 @@ from opacus.validators import ModuleValidator
 from common.errors import UnknownModelError
 from common.models import MODELS, MILOutput, build_model, models_of_kind
 from common.models.base import BAG_KINDS
+from tests._bags import assert_per_bag_gradients, build
 from tests._bags import bags as _bags
-from tests._bags import build
 
 MIL_MODELS = models_of_kind(*BAG_KINDS)  # by declared kind, never by name
 
@@ -112,20 +112,8 @@ def test_patch_cnn_per_slide_gradients_match_one_slide_at_a_time() -> None:
 @pytest.mark.parametrize("name", MIL_MODELS)
 def test_mil_vmap_per_bag_gradients_match_one_bag_at_a_time(name: str) -> None:
     """The torch.func path (PathFed's default for DP) agrees with one bag at a time."""
-    from common.training import _vmap_grad_samples
-
     torch.manual_seed(0)
-    # eval mode: training-time randomness (dropout, ACMIL's masking) is drawn per bag but
-    # differently in the two computations; without it they must agree exactly
-    model = build(name).eval()
-    x, mask, y = _bags(name)
-    _vmap_grad_samples(model, [x, mask, y])
-    per_bag = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
-    for i in range(len(y)):
-        model.zero_grad()
-        model.sample_losses(x[i : i + 1], mask[i : i + 1], y[i : i + 1]).sum().backward()
-        for n, p in model.named_parameters():
-            assert torch.allclose(per_bag[n][i], p.grad, atol=1e-6), n
+    assert_per_bag_gradients(build(name).eval(), *_bags(name))
 
 
 def test_every_model_declares_a_kind_and_honours_the_contract() -> None:

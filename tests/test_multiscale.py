@@ -15,7 +15,7 @@ from common.data.multiscale import Layout, high_power, pack_regions, unpack
 from common.errors import DataError
 from common.wsi.extract import prepare
 from common.wsi.synthetic import synthetic_slide
-from tests._bags import bags, build
+from tests._bags import assert_per_bag_gradients, bags, build
 from tests.conftest import CMU_SLIDE, run_cli
 
 
@@ -158,19 +158,10 @@ def test_image_folders_give_regions_of_four_by_four_patches() -> None:
 
 @pytest.mark.parametrize("scales", ["both", "high", "low"])
 def test_every_ablation_has_per_bag_gradients(scales: str) -> None:
-    from common.training import _vmap_grad_samples
-
     torch.manual_seed(0)
     model = build("multiscale-mil", scales=scales).eval()
     x, mask, y = bags("multiscale-mil")
-    _vmap_grad_samples(model, [x, mask, y])
-    per_bag = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
-    for i in range(len(y)):
-        model.zero_grad()
-        model.sample_losses(x[i : i + 1], mask[i : i + 1], y[i : i + 1]).sum().backward()
-        for n, p in model.named_parameters():
-            assert p.grad is not None, n  # no parameter the variant leaves unused
-            assert torch.allclose(per_bag[n][i], p.grad, atol=1e-6), n
+    assert_per_bag_gradients(model, x, mask, y)  # every parameter the variant has is used
     scores = model.patch_scores(x, mask)  # no high-power view, no high-power scores
     total = torch.zeros(5) if scales == "low" else torch.ones(5)
     assert scores.shape == (5, 9, 4) and torch.allclose(scores.sum((1, 2)), total)

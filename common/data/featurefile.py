@@ -112,72 +112,60 @@ def writing(path: Path, coords: np.ndarray, tissue: np.ndarray, dim: int,
             tmp.unlink()
 
 
-def read_features(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """``features`` (``float32[n, D]``) and the attributes of a feature file; a missing,
-    truncated or foreign file is a :class:`DataError` naming it."""
+@contextmanager
+def opened(path: Path) -> Iterator[Any]:
+    """A feature file open for reading; a missing, truncated or foreign file (or one
+    lacking what the reader looks up) is a :class:`DataError` naming it."""
     import h5py
 
     try:
         with h5py.File(path, "r") as h5:
-            return (np.asarray(h5[FEATURES], dtype=np.float32),
-                    {k: h5.attrs[k] for k in h5.attrs})
-    except (OSError, KeyError, ValueError) as err:
+            yield h5
+    except DataError as err:
+        if str(err).startswith(str(path)):
+            raise
+        raise DataError(f"{path}: {err}; re-run `pathfed prepare` on its slide") from None
+    except (OSError, KeyError, ValueError, IndexError) as err:
         raise DataError(f"{path}: not a PathFed feature file or damaged ({err}); re-run "
                         "`pathfed prepare` on its slide") from None
+
+
+def read_features(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """``features`` (``float32[n, D]``) and the attributes of a feature file."""
+    with opened(path) as h5:
+        return np.asarray(h5[FEATURES], dtype=np.float32), {k: h5.attrs[k] for k in h5.attrs}
 
 
 def feature_dim(path: Path) -> int:
     """The feature size of a feature file, without reading its features."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as h5:
-            return int(h5[FEATURES].shape[1])
-    except (OSError, KeyError, ValueError, IndexError) as err:
-        raise DataError(f"{path}: not a PathFed feature file or damaged ({err}); re-run "
-                        "`pathfed prepare` on its slide") from None
+    with opened(path) as h5:
+        return int(h5[FEATURES].shape[1])
 
 
 def read_regions(path: Path) -> tuple[np.ndarray, int, dict[str, Any]]:
     """A multi-scale file's bag of regions (:func:`common.data.multiscale.pack_regions`):
     the finest scale's patches under the next coarser scale's; ``(rows, children, attrs)``.
     A file prepared at one scale is a :class:`DataError` saying how to prepare two."""
-    import h5py
-
     from common.data.multiscale import pack_regions
 
-    try:
-        with h5py.File(path, "r") as h5:
-            attrs = {k: h5.attrs[k] for k in h5.attrs}
-            context = [float(x) for x in attrs.get(CONTEXT_MPP, [])]
-            if not context:
-                mpp = float(attrs.get("mpp", 0.5))
-                raise DataError(f"{path}: prepared at one scale ({mpp:g} um/px); a "
-                                "multi-scale model needs two, e.g. `pathfed prepare SLIDES "
-                                f"--mpp {mpp:g},{4 * mpp:g}`")
-            group = h5[scale_group(context[0])]
-            children = int(group.attrs[CHILDREN])
-            rows = pack_regions(np.asarray(group[FEATURES], dtype=np.float32),
-                                np.asarray(h5[FEATURES], dtype=np.float32),
-                                np.asarray(group[PARENT], dtype=np.int64), children)
-            return rows, children, attrs
-    except DataError as err:
-        if str(err).startswith(str(path)):
-            raise
-        raise DataError(f"{path}: {err}; re-run `pathfed prepare` on its slide") from None
-    except (OSError, KeyError, ValueError) as err:
-        raise DataError(f"{path}: not a PathFed feature file or damaged ({err}); re-run "
-                        "`pathfed prepare` on its slide") from None
+    with opened(path) as h5:
+        attrs = {k: h5.attrs[k] for k in h5.attrs}
+        context = [float(x) for x in attrs.get(CONTEXT_MPP, [])]
+        if not context:
+            mpp = float(attrs.get("mpp", 0.5))
+            raise DataError(f"{path}: prepared at one scale ({mpp:g} um/px); a multi-scale "
+                            f"model needs two, e.g. `pathfed prepare SLIDES --mpp {mpp:g},"
+                            f"{4 * mpp:g}`")
+        group = h5[scale_group(context[0])]
+        children = int(group.attrs[CHILDREN])
+        rows = pack_regions(np.asarray(group[FEATURES], dtype=np.float32),
+                            np.asarray(h5[FEATURES], dtype=np.float32),
+                            np.asarray(group[PARENT], dtype=np.int64), children)
+        return rows, children, attrs
 
 
 def region_children(path: Path) -> int:
     """Children per region of a multi-scale file (0 for a single-scale one)."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as h5:
-            context = [float(x) for x in h5.attrs.get(CONTEXT_MPP, [])]
-            return int(h5[scale_group(context[0])].attrs[CHILDREN]) if context else 0
-    except (OSError, KeyError, ValueError, IndexError) as err:
-        raise DataError(f"{path}: not a PathFed feature file or damaged ({err}); re-run "
-                        "`pathfed prepare` on its slide") from None
+    with opened(path) as h5:
+        context = [float(x) for x in h5.attrs.get(CONTEXT_MPP, [])]
+        return int(h5[scale_group(context[0])].attrs[CHILDREN]) if context else 0
