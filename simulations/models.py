@@ -59,6 +59,7 @@ def table(out: Path, results_md: Path | None) -> str:
         cells += [(_cell(r[row], "accuracy") if row in r else "") for row in DEFAULT_ROWS]
         lines.append(f"| `{model}` | " + " | ".join(cells) + f" | {', '.join(sorted(runs))} |")
     text = "\n".join(lines)
+    _plot(rows, sorted(rows, key=rank), out / "models.png")
     if results_md is not None:
         doc = results_md.read_text()
         if START not in doc or END not in doc:
@@ -66,6 +67,46 @@ def table(out: Path, results_md: Path | None) -> str:
         head, rest = doc.split(START, 1)
         results_md.write_text(f"{head}{START}\n{text}\n{END}{rest.split(END, 1)[1]}")
     return text
+
+
+def _plot(rows: dict[str, dict[str, dict[str, Any]]], order: list[str], path: Path) -> None:
+    """AUC of every model and row, with the standard error of each mean over folds."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(ROWS)
+    labels = {"central": "central", "federated": "federated", "dp": "federated + DP",
+              "dp-secagg": "DP + SecAgg+"}
+    for j, row in enumerate(ROWS):
+        xs, ys, errs = [], [], []
+        for i, model in enumerate(order):
+            summary = rows[model].get(row)
+            if summary is not None:
+                mean, sd = summary["auc"]
+                xs.append(i + (j - 1.5) * width)
+                ys.append(mean)
+                errs.append(sd / math.sqrt(max(1, len(summary["results"]))))
+        if xs:
+            ax.bar(xs, ys, width, yerr=errs, capsize=2, label=labels[row])
+    ax.axhline(0.5, color="grey", linewidth=0.6)
+    def tick(model: str) -> str:  # the models not run to all folds say how far
+        runs = {f"{r['folds']} x {r['repeats']}" for r in rows[model].values()}
+        return model if runs == {"10 x 5"} else f"{model} ({', '.join(sorted(runs))})"
+
+    ax.set_xticks(range(len(order)), [tick(m) for m in order], rotation=30, ha="right",
+                  fontsize=8)
+    ax.set_ylabel("test AUC (bars: standard error over folds)")
+    ax.set_ylim(0.3, 0.95)
+    ax.set_title("UCSB breast, every MIL model (sorted by the DP row)")
+    ax.legend(fontsize=7, ncol=4, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
