@@ -65,7 +65,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     summary = predict(args.inputs, args.model, args.out, PredictOptions(
         threshold=args.threshold, max_uncertainty=args.max_uncertainty, passes=args.passes,
-        top_k=args.top_k, segment_threshold=args.segment_threshold or SEGMENT_THRESHOLD,
+        top_k=args.top_k, segment_threshold=(SEGMENT_THRESHOLD if args.segment_threshold is None
+                                             else args.segment_threshold),
         encoder=args.encoder, weights=args.weights, slide_mpp=args.slide_mpp,
         stain_target=args.stain_target,
         slides_dir=Path(args.slides) if args.slides else None,
