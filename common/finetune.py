@@ -23,9 +23,6 @@ from common.release import ModelCard, load_model
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("encoder", "weights", "patch", "mpp", "stain")
-
-
 @dataclass(frozen=True)
 class FinetuneResult:
     before: dict[str, float]
@@ -36,15 +33,6 @@ class FinetuneResult:
     summary: dict[str, Any]
 
 
-def _fields(made: str) -> dict[str, str]:
-    out = {"stain": "none"}
-    for part in made.split(";"):
-        key, sep, value = part.partition("=")
-        if sep:
-            out[key] = value
-    return out
-
-
 def check_same_features(card: ModelCard, made: str, where: str) -> None:
     """Refuse data whose features are made otherwise than the model's (one line)."""
     if card.features in ("synthetic", "site file", "unknown") or made in (
@@ -53,15 +41,11 @@ def check_same_features(card: ModelCard, made: str, where: str) -> None:
             raise ConfigError(f"{where}: the model was trained on {card.features} data, this "
                               f"is {made}; fine-tune on data made the same way")
         return
-    want, got = _fields(card.features), _fields(made)
-    differ = [k for k in FIELDS if want.get(k) != got.get(k)]
-    if card.features.startswith("images;") != made.startswith("images;"):
-        differ.insert(0, "kind")
+    differ = card.mismatch(made)
     if differ:
-        raise ConfigError(
-            f"{where}: features made with {', '.join(f'{k}={got.get(k)}' for k in differ)}, "
-            f"the model's with {', '.join(f'{k}={want.get(k)}' for k in differ)}; prepare "
-            "the hospital's slides with the model's settings")
+        raise ConfigError(f"{where}: features made with {differ[0]}, the model's with "
+                          f"{differ[1]}; prepare the hospital's slides with the model's "
+                          "settings")
 
 
 def _scores(counts: Any) -> dict[str, float]:

@@ -211,22 +211,18 @@ def _check_features(folder: Path, card: ModelCard) -> None:
     if card.features.startswith("images;"):
         raise ConfigError(f"{folder}: the model was trained on images embedded on the fly "
                           f"({card.features}); give the image folder itself")
-    want = {k: card.setting(k) for k in ("encoder", "weights", "patch", "mpp")}
-    want["stain"] = card.setting("stain") or "none"
     for path in sorted(folder.glob("*.h5")):
         try:
             with h5py.File(path, "r") as h5:
                 key = str(h5.attrs.get("settings", ""))
         except OSError:
             continue  # damaged: that slide fails alone
-        got = {"stain": "none", **dict(part.split("=", 1) for part in key.split(";")
-                                       if "=" in part)}
-        differ = [k for k, v in want.items() if v is not None and got.get(k) != v]
+        differ = card.mismatch(key)
         if differ:
             raise ConfigError(
-                f"{path}: made with {', '.join(f'{k}={got.get(k)}' for k in differ)}, the model "
-                f"expects {', '.join(f'{k}={want[k]}' for k in differ)}; prepare the slides "
-                "with the model's settings (or give the slides folder: predict prepares it)")
+                f"{path}: made with {differ[0]}, the model expects {differ[1]}; prepare the "
+                "slides with the model's settings (or give the slides folder: predict "
+                "prepares it)")
 
 
 def _prepare_slides(slides: Path, out: Path, card: ModelCard, opts: PredictOptions) -> Path:

@@ -23,6 +23,8 @@ import numpy as np
 from common.errors import DataError
 
 RELEASE = "model.npz"
+MATCHED = ("encoder", "weights", "patch", "mpp", "stain")
+"""The settings a model's features and new features must agree on."""
 CARD = "__pathfed_model_card__"
 FORMAT = 1
 
@@ -52,11 +54,26 @@ class ModelCard:
 
     def setting(self, name: str) -> str | None:
         """One ``name=value`` field of :attr:`features` (e.g. ``encoder``), or None."""
-        for part in self.features.split(";"):
-            key, sep, value = part.partition("=")
-            if sep and key == name:
-                return value
-        return None
+        from common.data.featurefile import settings_fields
+
+        return settings_fields(self.features).get(name)
+
+    def mismatch(self, made: str) -> tuple[str, str] | None:
+        """How features made as ``made`` (a settings key or a site's provenance) differ
+        from the model's: ``("encoder=a, mpp=2", "encoder=b, mpp=1")`` (theirs, the
+        model's); None when they agree on :data:`MATCHED`."""
+        from common.data.featurefile import settings_fields
+
+        want, got = settings_fields(self.features), settings_fields(made)
+        differ = [k for k in MATCHED if want.get(k) != got.get(k)]
+        if self.features.startswith("images;") != made.startswith("images;"):
+            want["kind"], got["kind"] = (("images" if t.startswith("images;") else "features")
+                                         for t in (self.features, made))
+            differ.insert(0, "kind")
+        if not differ:
+            return None
+        return (", ".join(f"{k}={got.get(k)}" for k in differ),
+                ", ".join(f"{k}={want.get(k)}" for k in differ))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -43,6 +43,18 @@ ATTRS = ("mpp", "patch_size", "level", "downsample", "size_baseline", "encoder",
          "weights_hash", "slide_path", "slide_mpp", "slide_mpp_source", "slide_dimensions",
          "tissue_threshold", "overlap", "settings")
 """Every attribute a feature file carries."""
+def settings_fields(key: str) -> dict[str, str]:
+    """The ``name=value`` fields of a ``pathfed prepare`` settings key (the ``settings``
+    attribute, :class:`common.wsi.manifest.PrepareSettings`); ``stain`` is ``none`` when
+    the key does not name one."""
+    fields = {"stain": "none"}
+    for part in key.split(";"):
+        name, sep, value = part.partition("=")
+        if sep:
+            fields[name] = value
+    return fields
+
+
 CONTEXT_MPP = "context_mpp"
 PARENT = "parent"
 CHILDREN = "children"

@@ -23,6 +23,7 @@ from common.data.featurefile import (
     read_features,
     read_regions,
     region_children,
+    settings_fields,
 )
 from common.data.labels import LABELS, assign_sites, read_label_rows
 from common.data.multiscale import Layout
@@ -147,10 +148,7 @@ def load_h5_bags(folder: str | Path, labels_csv: str | Path | None = None,
 
 
 def _stain(attrs: dict[str, object]) -> str:
-    for part in str(attrs.get("settings", "")).split(";"):
-        if part.startswith("stain="):
-            return part.removeprefix("stain=")
-    return "none"
+    return settings_fields(str(attrs.get("settings", "")))["stain"]
 
 
 def h5_layout(folder: str | Path, multiscale: bool = False) -> Layout:

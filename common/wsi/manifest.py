@@ -40,14 +40,6 @@ class PrepareSettings:
                 f"overlap={self.overlap}{stain}")
 
 
-def settings_field(key: str, name: str) -> str | None:
-    """One ``name=value`` field of a settings key, or None."""
-    for part in key.split(";"):
-        field, sep, value = part.partition("=")
-        if sep and field == name:
-            return value
-    return None
-
 
 @dataclass
 class SlideResult:
