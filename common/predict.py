@@ -317,10 +317,9 @@ def _image_bags(folder: Path, card: ModelCard, only: frozenset[str] | None = Non
     """Each image of a folder embedded as training embedded it (``images;...`` cards)."""
     from common.data.images import (
         CONTEXT_FACTOR,
-        _grid,
         _stain_then,
-        _tissue_keep,
         read_image,
+        tissue_grid,
         tissue_regions,
     )
     from common.data.multiscale import pack_regions
@@ -343,13 +342,10 @@ def _image_bags(folder: Path, card: ModelCard, only: frozenset[str] | None = Non
         except DataError as err:
             yield path.name, str(err)
             continue
-        per_row = image.shape[1] // patch
-        keep = np.flatnonzero(_tissue_keep(_grid(image, patch)))
-        if not len(keep):
+        tissue, coords = tissue_grid(image, patch)
+        if not len(coords):
             yield path.name, f"no tissue patch of {patch} px"
             continue
-        rows, cols = np.divmod(keep, per_row)
-        coords = np.stack([cols * patch, rows * patch], axis=1).astype(np.int64)
         parent = None
         if card.kind == "multiscale":
             regions, patches, parent = tissue_regions(image, patch)
@@ -357,10 +353,10 @@ def _image_bags(folder: Path, card: ModelCard, only: frozenset[str] | None = Non
             features = pack_regions(encoder(regions), encoder(patches), parent,
                                     CONTEXT_FACTOR ** 2)
         elif card.kind == "patches":  # the pixels, scaled as training scaled them
-            features = _normalised(normalise(_grid(image, patch)[keep]))
+            features = _normalised(normalise(tissue))
         else:
             assert encoder is not None
-            features = encoder(_grid(image, patch)[keep])
+            features = encoder(tissue)
         yield _Bag(path.name, path.stem, features, coords, float(patch),
                    (image.shape[1], image.shape[0]), parent, None, 0.5, patch, image,
                    masks.get(path.stem))

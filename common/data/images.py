@@ -33,7 +33,8 @@ from common.features import get_encoder
 log = logging.getLogger(__name__)
 
 __all__ = ["CONTEXT_FACTOR", "LabelledImage", "assign_sites", "embed_images",
-           "image_folder_site", "read_image", "read_labels", "tissue_patches", "tissue_regions"]
+           "image_folder_site", "read_image", "read_labels", "tissue_grid", "tissue_patches",
+           "tissue_regions"]
 WHITE_LEVEL = 200
 MAX_WHITE_FRACTION = 0.75
 CONTEXT_FACTOR = 4
@@ -96,6 +97,15 @@ def tissue_patches(image: np.ndarray, patch_size: int,
     return patches[keep], tumour[keep]
 
 
+def tissue_grid(image: np.ndarray, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The tissue patches of :func:`tissue_patches` and each one's top-left pixel
+    ``int64[n, 2]`` as ``(x, y)``."""
+    patches = _grid(image, patch_size)
+    keep = np.flatnonzero(_tissue_keep(patches))
+    rows, cols = np.divmod(keep, image.shape[1] // patch_size)
+    return patches[keep], np.stack([cols, rows], axis=1).astype(np.int64) * patch_size
+
+
 def _tissue_keep(patches: np.ndarray) -> np.ndarray:
     return np.asarray((patches.min(axis=-1) > WHITE_LEVEL).mean(axis=(1, 2))
                       < MAX_WHITE_FRACTION)
@@ -106,13 +116,9 @@ def tissue_regions(image: np.ndarray, patch_size: int, factor: int = CONTEXT_FAC
     """``(regions uint8[m, P, P, 3], patches uint8[n, P, P, 3], parent int64[n])``: the
     tissue patches of :func:`tissue_patches`, and each block of ``factor`` x ``factor``
     patches holding one of them, downsampled to ``P`` px (white beyond the image)."""
-    patches = _grid(image, patch_size)
-    keep = np.flatnonzero(_tissue_keep(patches))
-    per_row = image.shape[1] // patch_size
-    rows, cols = np.divmod(keep, per_row)
-    cells, parent = np.unique(np.stack([rows // factor, cols // factor], axis=1), axis=0,
-                              return_inverse=True)
+    patches, coords = tissue_grid(image, patch_size)
     side = factor * patch_size
+    cells, parent = np.unique(coords[:, ::-1] // side, axis=0, return_inverse=True)
     regions = np.empty((len(cells), patch_size, patch_size, 3), dtype=np.uint8)
     for i, (cy, cx) in enumerate(cells):
         block = np.full((side, side, 3), 255, dtype=np.uint8)
@@ -120,7 +126,7 @@ def tissue_regions(image: np.ndarray, patch_size: int, factor: int = CONTEXT_FAC
         block[:crop.shape[0], :crop.shape[1]] = crop
         regions[i] = np.asarray(Image.fromarray(block).resize((patch_size, patch_size),
                                                                Image.Resampling.BOX))
-    return regions, patches[keep], parent.reshape(-1).astype(np.int64)
+    return regions, patches, parent.reshape(-1).astype(np.int64)
 
 
 def _stain_then(stain: str, encode: Callable[[np.ndarray], np.ndarray]
