@@ -226,6 +226,13 @@ def test_the_released_model_is_the_final_global_model(good_run: Path, tmp_path: 
     (run / "model.npz").write_bytes(release_bytes(list(weights), arrays, card))
     assert any("model.npz: not the released model the server signed" in p
                for p in audit_run(run).problems)
+    import hashlib  # a server that names the wrong weights' bytes in its summary
+
+    summary = json.loads((run / "summary.json").read_text())
+    summary["model_file_sha256"] = hashlib.sha256((run / "model.npz").read_bytes()).hexdigest()
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert any("its weights are not the final global model" in p
+               for p in audit_run(run).problems)
     (run / "model.npz").unlink()
     assert any("released model the summary names is missing" in p
                for p in audit_run(run).problems)
