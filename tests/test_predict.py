@@ -358,3 +358,21 @@ def test_finetune_adapts_a_released_model_under_the_site_s_budget(
     r = run_cli("finetune", str(tmp_path / "base"), "--data", str(features), "--out",
                 str(tmp_path / "ft3"), "--rounds", "1", "--set", "batch-size=2")
     assert r.returncode == 0 and "held-out AUC" in r.stdout, r.stderr
+
+
+def test_sites_whose_features_differ_are_named(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from common.config import FederationConfig
+    from common.rounds import RoundBook
+
+    book = RoundBook(FederationConfig(), ["w"], [np.zeros(2)], None)
+    with caplog.at_level(logging.WARNING, logger="common.rounds"):
+        book._note_features("site-0", "mpp=1;encoder=color-texture")
+        book._note_features("site-1", "mpp=1;encoder=color-texture")
+        assert not caplog.records
+        book._note_features("site-2", "mpp=1;encoder=resnet-tiny")
+        book._note_features("site-3", 42)  # a hostile reply: ignored
+        book._note_features("site-4", "x" * 501)
+    assert len(caplog.records) == 1 and "site-2 made its features otherwise" in caplog.text
+    assert set(book.features) == {"site-0", "site-1", "site-2"}
