@@ -18,7 +18,7 @@ def add_parser(sub: Any) -> None:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from common.features import ENCODERS, TIMM
+    from common.features import ENCODERS, IMAGENET_MEAN, TIMM
     from common.models import MODELS
 
     models = {name: {"kind": spec.kind, "summary": spec.summary, "options": spec.options,
@@ -35,9 +35,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
         print(f"  {name:<22} {m['kind']:<10} {m['summary']}  [options: {options}]")
     print("encoders (pathfed prepare --encoder NAME, --set encoder=NAME):")
     for name, e in encoders.items():
-        norm = "ImageNet mean/std" if e["normalisation"] else "raw pixels"
+        norm = ("raw pixels" if not e["normalisation"] else "ImageNet mean/std"
+                if tuple(e["normalisation"]["mean"]) == IMAGENET_MEAN else "its own mean/std")
         size = {"any": "any patch size", "weights": "patch size of its weights"}.get(
             str(e["input_size"]), f"{e['input_size']} px")
+        if "preprocess" in e:
+            size += f", {e['preprocess']}"
         dim = f"{e['dim']}-d" if e["dim"] else "size from weights"
         print(f"  {name:<22} {e['summary']}\n  {'':<22} [weights: {e['weights']}; {dim}; "
               f"{size}; {norm}]")

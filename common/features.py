@@ -31,6 +31,13 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from common.errors import ConfigError, DataError, UnknownModelError
+from common.models.foundation import (
+    FOUNDATION,
+    IMAGENET,
+    FoundationArch,
+    Normalisation,
+    Resize,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -100,10 +107,7 @@ class FunctionEncoder:
         return f"FunctionEncoder({self.name!r}, dim={self.dim})"
 
 
-Normalisation = tuple[tuple[float, float, float], tuple[float, float, float]]
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGENET: Normalisation = (IMAGENET_MEAN, IMAGENET_STD)
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET
 
 
 class TorchEncoder:
@@ -117,37 +121,59 @@ class TorchEncoder:
         self, module: nn.Module, name: str, weights_hash: str = "none", *,
         embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
         normalisation: Normalisation = IMAGENET, input_size: int | None = None,
-        batch_size: int = 64, device: str = "cpu",
+        resize: Resize | None = None, batch_size: int = 64, device: str = "cpu",
     ) -> None:
         import torch
 
         self.module = module.eval()
         self.name, self.weights_hash, self.batch_size = name, weights_hash, batch_size
         self.input_size = input_size
+        self.resize = resize
+        """Patches of any size are resized (and cropped) to the network's input first."""
         self.normalisation: Normalisation | None = normalisation
         self._embed = embed or self.module
         self._mean = torch.tensor(normalisation[0]).view(1, 3, 1, 1)
         self._std = torch.tensor(normalisation[1]).view(1, 3, 1, 1)
         self.to(device)
-        side = input_size or 64
+        side = input_size or (resize.input if resize else 64)
         self.dim = int(self._forward(np.zeros((1, side, side, 3), dtype=np.uint8)).shape[1])
 
     def to(self, device: str) -> TorchEncoder:
-        """Run the encoder on ``device`` (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+        """Run the encoder on ``device`` (``cpu``, ``cuda``, ``cuda:1``, ``mps``).
+
+        On CUDA the forward pass runs in bfloat16 autocast (features are returned as
+        float32), convolutional encoders in channels-last memory, and a batch that does not
+        fit in memory is halved until it does (:meth:`__call__`).
+        """
         import torch
 
         self.device = torch.device(device)
         self.module.to(self.device)
+        if self.device.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) and m.kernel_size
+                                              != m.stride for m in self.module.modules()):
+            self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self._mean, self._std = self._mean.to(self.device), self._std.to(self.device)
         return self
+
+    @property
+    def autocast(self) -> bool:
+        """Whether the forward pass runs in bfloat16 (on CUDA)."""
+        return self.device.type == "cuda"
 
     def _forward(self, patches: np.ndarray) -> np.ndarray:
         import torch
 
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(patches)).to(self.device)
+        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16,
+                                                     enabled=self.autocast):
+            x = torch.from_numpy(np.ascontiguousarray(patches)).to(self.device,
+                                                                  non_blocking=True)
             x = x.permute(0, 3, 1, 2).float().div_(255.0)
-            out = self._embed((x - self._mean) / self._std)
+            if self.resize is not None:
+                x = self.resize(x)
+            x = (x - self._mean) / self._std
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            out = self._embed(x)
             return out.reshape(out.shape[0], -1).float().cpu().numpy()
 
     def __call__(self, patches: np.ndarray) -> np.ndarray:
@@ -159,8 +185,21 @@ class TorchEncoder:
                               f"{self.input_size} (or weights trained at this size)")
         if len(patches) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        parts = [self._forward(patches[i:i + self.batch_size])
-                 for i in range(0, len(patches), self.batch_size)]
+        parts, i = [], 0
+        while i < len(patches):
+            try:
+                parts.append(self._forward(patches[i:i + self.batch_size]))
+            except RuntimeError as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
+                if "out of memory" not in str(err).lower() or self.batch_size == 1:
+                    raise
+                import torch
+
+                torch.cuda.empty_cache()
+                self.batch_size //= 2
+                log.warning("encoder %s: out of device memory; batch size now %d",
+                            self.name, self.batch_size)
+                continue
+            i += self.batch_size
         return np.concatenate(parts).astype(np.float32, copy=False)
 
     def __repr__(self) -> str:
@@ -274,6 +313,10 @@ class EncoderSpec:
     weights were trained at (a fixed default without weights)."""
     normalisation: Normalisation | None = IMAGENET
     """Fixed (mean, std) per channel on [0, 1] pixels; None for raw ``uint8`` patches."""
+    resize: Resize | None = None
+    """Patches of any size are resized (and cropped) to the network's input first."""
+    details: dict[str, Any] | None = None
+    """More about a published encoder (its timm call, weights file, sources)."""
 
     def describe(self) -> dict[str, Any]:
         """The declaration as plain values (``pathfed models --json``)."""
@@ -281,7 +324,9 @@ class EncoderSpec:
         return {"summary": self.summary, "weights": self.weights, "dim": self.dim,
                 "input_size": self.input_size,
                 "normalisation": None if norm is None else {"mean": list(norm[0]),
-                                                            "std": list(norm[1])}}
+                                                            "std": list(norm[1])},
+                **({"preprocess": self.resize.describe()} if self.resize else {}),
+                **(self.details or {})}
 
 
 ENCODERS: dict[str, EncoderSpec] = {
@@ -373,6 +418,8 @@ def _check_declared(name: str, spec: EncoderSpec, encoder: Encoder) -> None:
     if (encoder.input_size is None) != (size is None) or (
             isinstance(size, int) and encoder.input_size != size):
         wrong.append(f"input_size {encoder.input_size} (declared {spec.input_size})")
+    if getattr(encoder, "resize", None) != spec.resize:
+        wrong.append(f"resize {getattr(encoder, 'resize', None)} (declared {spec.resize})")
     norm = getattr(encoder, "normalisation", None)
     if tuple(map(tuple, norm or ())) != tuple(map(tuple, spec.normalisation or ())):
         wrong.append(f"normalisation {norm} (declared {spec.normalisation})")
@@ -416,3 +463,28 @@ def _patch_cnn(weights: str | Path | None) -> Encoder:
 
 register_encoder("patch-cnn", _patch_cnn, "the seed's residual patch CNN (e.g. trained in "
                  "federation; 32 px without weights)", dim=128, input_size="weights")
+
+
+def foundation_encoder(arch: FoundationArch, weights: str | Path) -> TorchEncoder:
+    """A published encoder (:mod:`common.models.foundation`) with its local weights."""
+    from common.models.foundation import embed_fn, load_module, weights_path
+
+    module = load_module(arch, weights)
+    return TorchEncoder(module, arch.name, file_sha256(weights_path(arch, weights)),
+                        embed=embed_fn(arch, module), normalisation=arch.normalisation,
+                        resize=arch.resize, batch_size=32)
+
+
+def _foundation(name: str) -> EncoderBuilder:
+    def builder(weights: str | Path | None) -> Encoder:
+        assert weights is not None  # declared "required": build_encoder refuses None
+        return foundation_encoder(FOUNDATION[name], weights)
+
+    return builder
+
+
+for _name, _arch in FOUNDATION.items():
+    register_encoder(_name, EncoderSpec(
+        _foundation(_name), f"{_arch.summary}; needs the [encoders] extra and its local "
+        f"weights file ({_arch.weights_file})", weights="required", dim=_arch.dim,
+        normalisation=_arch.normalisation, resize=_arch.resize, details=_arch.describe()))
