@@ -22,6 +22,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, metavar="RUN")
     p.add_argument("--epsilon", type=float, help="the hospital's DP budget (default 8)")
     p.add_argument("--rounds", type=int, help="local rounds (default 5)")
+    p.add_argument("--freeze", metavar="PREFIX[,PREFIX]",
+                   help="parameters kept fixed, by name prefix (e.g. embed,attention_v: "
+                   "only the remaining layers adapt); an unknown prefix lists the model's "
+                   "parameter groups")
     p.add_argument("--no-dp", action="store_true", help="train without DP (not for release)")
     p.add_argument("--config", metavar="FILE", help="training settings (TOML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -34,7 +38,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     cfg = settings(args.config, args.set, {
         "data": args.data, "epsilon": args.epsilon, "rounds": args.rounds or 5,
-        "dp": False if args.no_dp else None})
+        "dp": False if args.no_dp else None, "freeze": args.freeze})
     from common.finetune import finetune
 
     result = finetune(args.model, cfg, args.out)

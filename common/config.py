@@ -88,6 +88,11 @@ class FederationConfig(BaseModel):
     init: str = Field(
         "", description="Start from a released model (a run folder or its model.npz) instead "
         "of a fresh initialisation; it must be a model of the same name and shape.")
+    freeze: str = Field(
+        "", description="Parameters kept fixed in local training, as comma-separated name "
+        "prefixes (e.g. 'embed,attention_v' trains a gated attention-MIL's remaining "
+        "layers; `pathfed finetune --freeze`): their update is zero and DP-SGD clips and "
+        "noises only the rest.")
     model_options: str = Field(
         "", description="The model's options as 'name=value,...' (e.g. 'hidden_dim=64,"
         "kernel=rbf'); `pathfed models` lists each model's options and defaults.")

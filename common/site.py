@@ -74,6 +74,11 @@ def initial_model(cfg: FederationConfig) -> torch.nn.Module:
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
         log.info("initial model: %s (round %s of run %s)", path,
                  card.round if card else "?", card.run_id if card else "?")
+    frozen = freeze(model, cfg.freeze, cfg.model)  # refuse a wrong prefix before round 1
+    if frozen:
+        log.info("frozen in local training: %d of %d parameter tensors (%s)", len(frozen),
+                 len(model.state_dict()), cfg.freeze)
+        model.requires_grad_(True)
     return model
 
 
@@ -107,6 +112,33 @@ class SiteReport:
     update: NDArrays
     n_samples: int
     metrics: dict[str, Any]
+
+
+def freeze(model: torch.nn.Module, prefixes: str, name: str) -> list[str]:
+    """Keep the parameters under the comma-separated ``prefixes`` fixed (no gradient);
+    return their names. A prefix that names no parameter, or freezing every parameter, is
+    a :class:`ConfigError` listing the model's parameter groups."""
+    wanted = [p.strip() for p in prefixes.split(",") if p.strip()]
+    if not wanted:
+        return []
+    names = [n for n, _ in model.named_parameters()]
+    groups = sorted({n.rsplit(".", 1)[0] for n in names})
+
+    def under(n: str, prefix: str) -> bool:
+        return n == prefix or n.startswith(prefix + ".")
+
+    unknown = [p for p in wanted if not any(under(n, p) for n in names)]
+    if unknown:
+        raise ConfigError(f"freeze: {name} has no parameters under {', '.join(unknown)}; its "
+                          f"parameter groups are {', '.join(groups)}")
+    frozen = [n for n in names if any(under(n, p) for p in wanted)]
+    if len(frozen) == len(names):
+        raise ConfigError(f"freeze: {prefixes!r} freezes every parameter of {name}; leave "
+                          "some of its groups to train")
+    for n, p in model.named_parameters():
+        if n in frozen:
+            p.requires_grad_(False)
+    return frozen
 
 
 class Site:
@@ -294,6 +326,7 @@ class Site:
                 f"data has {size}: give the run the same data settings as the sites "
                 "(--config with the sites' encoder and data kind)")
         set_weights(model, weights)
+        freeze(model, self.cfg.freeze, self.cfg.model)
         return model
 
     def _dataset(self, split: str, server_round: int) -> TensorDataset:

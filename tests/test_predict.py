@@ -356,8 +356,17 @@ def test_finetune_adapts_a_released_model_under_the_site_s_budget(
         finetune(tmp_path / "base", cfg.model_copy(update={"data": str(other)}),
                  tmp_path / "ft2")
     r = run_cli("finetune", str(tmp_path / "base"), "--data", str(features), "--out",
-                str(tmp_path / "ft3"), "--rounds", "1", "--set", "batch-size=2")
+                str(tmp_path / "ft3"), "--rounds", "1", "--set", "batch-size=2", "--freeze",
+                "embed,attention_v,attention_u")
     assert r.returncode == 0 and "held-out AUC" in r.stdout, r.stderr
+    base, tuned = load_model(tmp_path / "base")[0], load_model(tmp_path / "ft3")[0]
+    for name in base:  # frozen layers kept exactly; the rest adapted under DP
+        frozen = name.startswith(("embed.", "attention_v.", "attention_u."))
+        assert np.array_equal(base[name], tuned[name]) == frozen, name
+    r = run_cli("finetune", str(tmp_path / "base"), "--data", str(features), "--out",
+                str(tmp_path / "ft4"), "--freeze", "encoder")
+    assert r.returncode == 2 and "no parameters under encoder; its parameter groups are " \
+        "attention_u.0, attention_v.0, attention_w, classifier, embed.0" in r.stderr, r.stderr
 
 
 def test_sites_whose_features_differ_are_named(caplog: pytest.LogCaptureFixture) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
@@ -97,3 +98,23 @@ def test_local_train_requires_accountant_with_plan() -> None:
     with pytest.raises(ValueError, match="accountant"):
         local_train(initial_model(site.cfg), site.data.train.to_dataset(), epochs=1,
                     batch_size=8, lr=0.1, plan=plan, accountant=None)
+
+
+@pytest.mark.parametrize("model, frozen", [("gated-attention-mil", ("embed.", "attention_v.")),
+                                           ("attention-mil", ("embed.",))])
+def test_frozen_parameters_get_no_update_under_dp(model: str, frozen: tuple[str, ...]) -> None:
+    """Per-slide gradients (torch.func) with some layers frozen: frozen layers send a zero
+    update, the others a clipped and noised one, and epsilon is spent."""
+    from common.site import initial_model
+
+    cfg = FederationConfig(synthetic_bags=40, model=model,
+                           freeze=",".join(f.rstrip(".") for f in frozen))
+    site = Site(cfg, 0)
+    names = list(initial_model(cfg).state_dict())
+    report = site.train(_weights(site), 1)
+    assert report.metrics["epsilon"] > 0
+    for name, update in zip(names, report.update, strict=True):
+        assert (np.abs(update).max() == 0) == name.startswith(frozen), name
+    with pytest.raises(ConfigError, match="freezes every parameter"):
+        initial_model(cfg.model_copy(update={"freeze": ",".join(
+            sorted({n.split(".")[0] for n in names}))}))
