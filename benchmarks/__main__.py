@@ -12,6 +12,7 @@ BENCHMARKS = {
     "scale": "benchmarks.scale",
     "tiling": "benchmarks.tiling",
     "extract": "benchmarks.extract",
+    "encoders": "benchmarks.encoders",
 }
 
 
