@@ -9,9 +9,9 @@
    scaled in optical density, as a different scanner and protocol would give), prepared
    with the same settings;
 3. on that hospital's held-out split (the same slides for every row): the released model
-   as it is, the model fine-tuned there (``pathfed finetune``: 5 rounds of DP-SGD at the
-   hospital's own ``--epsilon``), and a model trained there alone from scratch with the
-   same rounds and budget.
+   as it is, the model fine-tuned there (``pathfed finetune``: ``--rounds`` rounds of DP-SGD
+   at the hospital's own ``--epsilon``), fine-tuned with ``--freeze`` layers fixed, and a
+   model trained there alone from scratch with the same rounds and budget.
 """
 
 from __future__ import annotations
@@ -54,7 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--slides", type=int, default=32, help="slides per hospital")
+    parser.add_argument("--new-slides", type=int, help="the new hospital's slides (default "
+                        "--slides)")
+    parser.add_argument("--stain", default=f"{STAIN[0]},{STAIN[1]}", metavar="H,E",
+                        help="the new hospital's haematoxylin and eosin optical densities as "
+                        "multiples of the others'")
+    parser.add_argument("--rounds", type=int, default=5, help="fine-tuning rounds")
+    parser.add_argument("--freeze", default="embed", metavar="PREFIX[,PREFIX]",
+                        help="a second fine-tuned row with these layers frozen (default: the "
+                        "feature embedding; '' for none)")
     args = parser.parse_args(argv)
+    stain = tuple(float(v) for v in args.stain.split(","))
     logging.basicConfig(level=logging.WARNING)
     from common.config import FederationConfig
     from common.fedavg import run_inprocess
@@ -77,24 +87,29 @@ def main(argv: list[str] | None = None) -> int:
                       run_dir=base)
     new_slides = args.out / "new" / "slides"
     if not (new_slides / "labels.csv").is_file():
-        make_slides(new_slides, 1, args.slides, size=(768, 512), seed=7)
-        _restain_folder(new_slides, *STAIN)
+        make_slides(new_slides, 1, args.new_slides or args.slides, size=(768, 512), seed=7)
+        _restain_folder(new_slides, *stain)
     features = args.out / "new" / "features"
     prepare(new_slides, features, mpp=1.0, patch_size=32, progress=False)
-    cfg = FederationConfig(data=str(features), rounds=5, **train)
+    cfg = FederationConfig(data=str(features), rounds=args.rounds, **train)
     tuned = finetune(base, cfg, args.out / "new" / "finetuned")
+    frozen = (finetune(base, cfg.model_copy(update={"freeze": args.freeze}),
+                       args.out / "new" / "finetuned-frozen") if args.freeze else None)
     scratch_site = Site(cfg, 0, name="site-0", data=str(features))
     scratch = run_inprocess(cfg, [scratch_site], run_dir=args.out / "new" / "scratch")
     alone, _ = scratch_site.evaluate(scratch.weights)
     rows = {"released model, as it is": tuned.before,
-            f"fine-tuned there (5 rounds, DP at epsilon {args.epsilon:g})": tuned.after,
-            f"trained there alone from scratch (5 rounds, DP at epsilon {args.epsilon:g})": {
+            f"fine-tuned there ({args.rounds} rounds, DP at epsilon {args.epsilon:g})":
+                tuned.after,
+            **({f"fine-tuned there, {args.freeze} frozen": frozen.after} if frozen else {}),
+            f"trained there alone from scratch ({args.rounds} rounds, DP at epsilon "
+            f"{args.epsilon:g})": {
                 "auc": float(alone.auc), "accuracy": float(alone.accuracy),
                 "balanced_accuracy": float(alone.balanced_accuracy)}}
     n_val = len(scratch_site.data.val)
     (args.out / "transfer.json").write_text(json.dumps({"rows": rows, "val_slides": n_val,
-                                                        "stain": STAIN}, indent=1))
-    print(f"new hospital (stain H x{STAIN[0]:g}, E x{STAIN[1]:g}), {n_val} held-out slides:")
+                                                        "stain": stain}, indent=1))
+    print(f"new hospital (stain H x{stain[0]:g}, E x{stain[1]:g}), {n_val} held-out slides:")
     print("| model | AUC | balanced accuracy |\n|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['auc']:.3f} | {r['balanced_accuracy']:.3f} |")
