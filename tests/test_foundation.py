@@ -238,3 +238,30 @@ def test_cli_names_the_encoder_and_its_file(tmp_path: Path,
                      "uni", *extra])
         err = capsys.readouterr().err
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_batch_that_does_not_fit_is_halved(caplog: pytest.LogCaptureFixture) -> None:
+    """Out of device memory (raised here by a stand-in network, as CUDA would raise it):
+    the batch is halved until it fits, and the features are those of the whole input."""
+    from common.features import TorchEncoder
+
+    class Tight(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if len(x) > 3:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return x.mean(dim=(2, 3))
+
+    encoder = TorchEncoder(Tight(), "tight", batch_size=16)
+    patches = np.stack([synthetic_tissue(32, 32, seed=s) for s in range(10)])
+    feats = encoder(patches)
+    assert encoder.batch_size == 2 and feats.shape == (10, 3)
+    np.testing.assert_allclose(feats, TorchEncoder(Tight(), "tight", batch_size=1)(patches),
+                               rtol=1e-6)
+    assert "batch size now 2" in caplog.text
+
+    class Broken(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        TorchEncoder(Broken(), "broken")
