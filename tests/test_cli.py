@@ -183,3 +183,23 @@ def test_bad_data_fails_before_torch_is_imported(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and "not found" in r.stderr, r.stderr
+
+
+def test_checkpoint_export_serves_the_patch_cnn_encoder(tmp_path: Path) -> None:
+    """`pathfed checkpoint export` of a patch-CNN checkpoint is the `patch-cnn` encoder's
+    --weights (the README's federated-encoder steps)."""
+    import numpy as np
+    import torch
+
+    from cli import main
+    from common.features import build_encoder
+    from common.models import build_model
+
+    torch.manual_seed(3)
+    model = build_model("residual-patch-cnn", patch_size=32)
+    ckpt = tmp_path / "round-006.npz"
+    np.savez(ckpt, **{k: v.numpy() for k, v in model.state_dict().items()})
+    assert main(["checkpoint", "export", str(ckpt), "--out", str(tmp_path / "cnn.pt")]) == 0
+    encoder = build_encoder("patch-cnn", tmp_path / "cnn.pt")
+    patches = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    assert encoder(patches).shape == (2, 128)
