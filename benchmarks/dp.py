@@ -6,8 +6,9 @@
 For attention-MIL on feature bags and for the seed's patch CNN (slides of k patches), each
 per-sample-gradient path Opacus offers (``hooks``, ``functorch``, ``ew``, ghost clipping)
 and PathFed's ``torch.func`` path (``vmap``, one sample = one slide) is timed against a
-plain optimizer step in the same run, best of ``--repeats``. Peak memory is each
-configuration's resident set size, measured in a fresh process (CPU: no allocator stats);
+plain optimizer step in one process, their steps interleaved (a noisy machine slows them
+alike), best of ``--repeats``. Peak memory is each configuration's resident set size,
+measured in a fresh process (CPU: no allocator stats);
 with ``--device cuda`` it is the peak of CUDA memory allocated instead (``benchmarks/gpu.sh``).
 A path Opacus rejects for a model is reported as such. For the patch CNN, the layer-hook
 paths (hooks, functorch, ew, ghost) see one sample per *patch*, not per slide, so they
@@ -57,15 +58,15 @@ def _batch(model_name: str, args: argparse.Namespace) -> tuple[Any, list[Any]]:
     return model, [x, torch.randint(0, 2, (args.slides,)).float()]
 
 
-def _measure(model_name: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One configuration, in this (fresh) process: best step time and peak RSS."""
+def _stepper(model_name: str, mode: str, args: argparse.Namespace) -> Any:
+    """One training step of ``mode`` on its own copy of the model and batch (a callable),
+    or the error Opacus gave for this mode and model (a string)."""
     import torch
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
     from common.training import _mean_loss, _vmap_grad_samples
 
-    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model, batch = _batch(model_name, args)
     model, batch = model.to(device), [t.to(device) for t in batch]
@@ -87,7 +88,7 @@ def _measure(model_name: str, mode: str, args: argparse.Namespace) -> dict[str, 
                                       noise_multiplier=1.0, max_grad_norm=1.0,
                                       poisson_sampling=False, **kwargs)
         except Exception as err:  # Opacus refuses some mode/model pairs
-            return {"error": f"{type(err).__name__}: {str(err)[:60]}"}
+            return f"{type(err).__name__}: {str(err)[:60]}"
         step_model, opt = out[0], out[1]
         if mode == "ghost":
             criterion = out[2]
@@ -109,30 +110,74 @@ def _measure(model_name: str, mode: str, args: argparse.Namespace) -> dict[str, 
 
     try:
         step()  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
     except Exception as err:
-        return {"error": f"{type(err).__name__}: {str(err)[:60]}"}
-    if device.type == "cuda":
-        return {"time": min(times), "rss_mb": torch.cuda.max_memory_allocated() / 2**20}
-    return {"time": min(times), "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        return f"{type(err).__name__}: {str(err)[:60]}"
+    return step
 
 
-def _worker(queue: Any, model_name: str, mode: str, args: argparse.Namespace) -> None:
-    queue.put(_measure(model_name, mode, args))
+def _times(model_name: str, modes: tuple[str, ...], args: argparse.Namespace
+           ) -> dict[str, dict[str, Any]]:
+    """Best step time of each mode, the modes' steps interleaved in this one process (a
+    noisy machine slows them alike), best of ``args.repeats`` rounds."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    steps = {mode: _stepper(model_name, mode, args) for mode in modes}
+    best = {mode: float("inf") for mode in modes}
+    errors = {mode: s for mode, s in steps.items() if isinstance(s, str)}
+    for _ in range(args.repeats):
+        for mode, step in steps.items():
+            if mode in errors:
+                continue
+            start = time.perf_counter()
+            try:
+                step()
+            except Exception as err:
+                errors[mode] = f"{type(err).__name__}: {str(err)[:60]}"
+                continue
+            best[mode] = min(best[mode], time.perf_counter() - start)
+    return {mode: {"error": errors[mode]} if mode in errors else {"time": best[mode]}
+            for mode in modes}
 
 
-def _run(model_name: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+def _memory(model_name: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Peak memory of one mode's steps, in this (fresh) process."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    step = _stepper(model_name, mode, args)
+    if isinstance(step, str):
+        return {"error": step}
+    step()
+    if args.device.startswith("cuda"):
+        return {"rss_mb": torch.cuda.max_memory_allocated() / 2**20}
+    return {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _measure(model_name: str, modes: tuple[str, ...], args: argparse.Namespace
+             ) -> dict[str, dict[str, Any]]:
+    """Times interleaved in one process; each mode's peak memory in a fresh process."""
+    times = _run(_times, model_name, modes, args)
+    for mode in modes:
+        if "error" not in times[mode]:
+            memory = _run(_memory, model_name, mode, args)
+            times[mode].update(memory if "error" not in memory else {"rss_mb": float("nan")})
+    return times
+
+
+def _worker(queue: Any, fn: Any, *args: Any) -> None:
+    queue.put(fn(*args))
+
+
+def _run(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a fresh (spawned) process."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(queue, model_name, mode, args))
+    proc = ctx.Process(target=_worker, args=(queue, fn, *args))
     proc.start()
     result = queue.get()
     proc.join()
-    return dict(result)
+    return result
 
 
 def main(argv: list[str]) -> int:
@@ -152,7 +197,7 @@ def main(argv: list[str]) -> int:
     if args.models == ["all"]:
         return _every_model(args, console)
     for model_name in args.models:
-        results = {mode: _run(model_name, mode, args) for mode in MODES}
+        results = _measure(model_name, MODES, args)
         base = results["plain"]
         table = Table(title=f"DP-SGD step vs plain step: {model_name} on {args.device} "
                             f"(best of {args.repeats})")
@@ -175,7 +220,8 @@ TARGET = 1.3
 
 def _every_model(args: argparse.Namespace, console: Console) -> int:
     """Every registered model: PathFed's DP path (``vmap``, one sample = one slide)
-    against a plain step, time and peak memory, each in a fresh process."""
+    against a plain step, timed interleaved in one process; peak memory each in a fresh
+    process."""
     from common.models import MODELS
 
     table = Table(title=f"DP-SGD step (torch.func per-slide gradients, clipping, noise) vs "
@@ -186,7 +232,8 @@ def _every_model(args: argparse.Namespace, console: Console) -> int:
                 "DP MB", "memory DP / plain", f"within {TARGET}x"):
         table.add_column(col, justify="right", no_wrap=col == "model")
     for name, spec in sorted(MODELS.items()):
-        plain, dp = _run(name, "plain", args), _run(name, "vmap", args)
+        both = _measure(name, ("plain", "vmap"), args)
+        plain, dp = both["plain"], both["vmap"]
         if "error" in plain or "error" in dp:
             table.add_row(name, spec.kind, "-", "-", plain.get("error") or dp.get("error"),
                           "-", "-", "-", "-")

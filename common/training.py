@@ -56,26 +56,28 @@ def _mean_loss(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
     return losses.mean()
 
 
-def _vmap_grad_samples(module: nn.Module, batch: list[torch.Tensor]) -> None:
+def _vmap_grad_samples(module: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
     """Per-sample gradients with ``torch.func`` (one sample = one slide), for Opacus'
-    ``no_op`` mode: each parameter gets ``grad_sample[B, *shape]``."""
-    from torch.func import functional_call, grad, vmap
+    ``no_op`` mode: each parameter gets ``grad_sample[B, *shape]``. Returns the batch's
+    mean loss, from the same forward pass (``grad_and_value``: no second forward)."""
+    from torch.func import functional_call, grad_and_value, vmap
 
     view = _LossView(module)
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     if batch[-1].shape[0] == 0:  # empty Poisson batch: zero gradients, noise still added
         for _, p in trainable:
             setattr(p, "grad_sample", torch.zeros((0, *p.shape)))  # noqa: B010 (Opacus)
-        return
+        return torch.zeros(())
     params = {f"model.{n}": p.detach() for n, p in trainable}
 
     def one_loss(p: dict[str, torch.Tensor], *sample: torch.Tensor) -> torch.Tensor:
         return functional_call(view, p, tuple(t.unsqueeze(0) for t in sample))[0]
 
-    grads = vmap(grad(one_loss), in_dims=(None, *([0] * len(batch))),
-                 randomness="different")(params, *batch)
+    grads, losses = vmap(grad_and_value(one_loss), in_dims=(None, *([0] * len(batch))),
+                         randomness="different")(params, *batch)
     for n, p in trainable:
         setattr(p, "grad_sample", grads[f"model.{n}"])  # noqa: B010 (Opacus' attribute)
+    return losses.detach().mean()
 
 
 class _LossView(nn.Module):
@@ -145,9 +147,7 @@ def local_train(
             for batch in loader:
                 opt.zero_grad(set_to_none=True)
                 if vmap_grads:
-                    _vmap_grad_samples(model, batch)
-                    with torch.no_grad():
-                        loss = _mean_loss(model, batch)
+                    loss = _vmap_grad_samples(model, batch)
                 else:
                     loss = _mean_loss(model, batch)
                     loss.backward()  # type: ignore[no-untyped-call]

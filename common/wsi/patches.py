@@ -42,9 +42,7 @@ def read_patches(path: str, default_mpp: float | None, coords: np.ndarray, mpp: 
                  patch_size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Patches ``uint8[n, P, P, 3]`` at ``coords`` and their quality flags."""
     reader = _reader_for(path, default_mpp)
-    patches = np.empty((len(coords), patch_size, patch_size, 3), dtype=np.uint8)
-    for i, (x, y) in enumerate(coords):
-        patches[i] = reader.read_at_mpp((int(x), int(y)), (patch_size, patch_size), mpp)
+    patches = reader.read_patches_at_mpp(coords, patch_size, mpp)
     return patches, quality_flags(patches)
 
 

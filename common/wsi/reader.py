@@ -133,6 +133,48 @@ class SlideReader(ABC):
             return region
         return np.asarray(Image.fromarray(region).resize((w, h), Image.Resampling.BILINEAR))
 
+    def read_patches_at_mpp(self, coords: np.ndarray, patch_size: int, mpp: float,
+                            max_run: int = 32) -> np.ndarray:
+        """Square patches ``uint8[n, P, P, 3]`` at baseline ``coords`` and ``mpp`` µm/px:
+        each as :meth:`read_at_mpp` reads it, pixel for pixel.
+
+        Where the level is read without resampling, neighbouring patches of a row (at
+        most ``max_run``, level-pixel aligned, overlapping or touching) come from one
+        region read and are cut out of it: one decode of the row's tiles instead of one
+        per patch.
+        """
+        n, p = len(coords), patch_size
+        out = np.empty((n, p, p, 3), dtype=np.uint8)
+        if mpp <= 0:
+            raise ValueError(f"mpp must be positive, got {mpp}")
+        level = self.best_level_for_downsample(mpp / self.mpp)
+        ds = self.level_downsamples[level]
+        direct = max(1, round(p * (mpp / self.mpp) / ds)) == p
+        xy = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+        aligned = direct and bool(np.all(np.mod(xy, ds) == 0)) if n else False
+        if not aligned:
+            for i, (x, y) in enumerate(xy):
+                out[i] = self.read_at_mpp((int(x), int(y)), (p, p), mpp)
+            return out
+        span = p * ds  # a patch's width in baseline pixels
+        order = np.lexsort((xy[:, 0], xy[:, 1]))
+        start = 0
+        while start < n:
+            end = start + 1
+            while (end < n and end - start < max_run
+                   and xy[order[end], 1] == xy[order[start], 1]
+                   and 0 < xy[order[end], 0] - xy[order[end - 1], 0] <= span):
+                end += 1
+            run = order[start:end]
+            x0, y0 = int(xy[run[0], 0]), int(xy[run[0], 1])
+            width = int((xy[run[-1], 0] - x0) // ds) + p
+            region = self.read_region((x0, y0), level, (width, p))
+            for i in run:
+                off = int((xy[i, 0] - x0) // ds)
+                out[i] = region[:, off:off + p]
+            start = end
+        return out
+
     def thumbnail(self, max_size: int = 1024) -> np.ndarray:
         """RGB image of the whole slide whose longer side is at most ``max_size`` pixels.
 

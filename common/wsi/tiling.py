@@ -119,10 +119,13 @@ def box_fraction(mask: np.ndarray, coords: np.ndarray, size: float, scale_x: flo
 def laplacian_variance(patches: np.ndarray) -> np.ndarray:
     """``float32[n]`` variance of the Laplacian of each patch's grey levels (sharpness)."""
     grey = patches.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    out = np.empty(len(patches), dtype=np.float32)
-    for i, g in enumerate(grey):
-        out[i] = ndimage.laplace(g).var()
-    return out
+    if len(patches) == 0:
+        return np.zeros(0, dtype=np.float32)
+    # ndimage.laplace of each patch, for the whole stack at once: the same second
+    # differences along y then x, added in the same order (bitwise equal)
+    lap = ndimage.correlate1d(grey, [1.0, -2.0, 1.0], axis=1, mode="reflect")
+    lap += ndimage.correlate1d(grey, [1.0, -2.0, 1.0], axis=2, mode="reflect")
+    return lap.reshape(len(patches), -1).var(axis=1).astype(np.float32)
 
 
 def pen_fraction(patches: np.ndarray) -> np.ndarray:
