@@ -390,8 +390,10 @@ def build_encoder(name: str, weights: str | Path | None = None) -> Encoder:
             raise ConfigError(f"encoder {name!r} takes no weights file; drop --weights or "
                               "choose a learned encoder such as 'resnet-tiny'")
         if spec.weights == "required" and not weights:
-            raise ConfigError(f"encoder {name!r} needs a local weights file (--weights FILE, "
-                              "or --set encoder-weights=FILE); nothing is downloaded")
+            raise ConfigError(f"encoder {name!r} needs a local weights file: `pathfed prepare "
+                              f"SLIDES --out FEATURES --encoder {name} --weights FILE`, then "
+                              "train on FEATURES (image folders encode on the fly only with "
+                              "encoders that need no file); nothing is downloaded")
         encoder = spec.builder(weights)
     _check_declared(name, spec, encoder)
     return encoder
