@@ -231,7 +231,17 @@ def _block_names(arch: FoundationArch) -> dict[str, str | tuple[str, ...]]:
 
 
 _EMBED = {"cls_token": "embeddings.cls_token", "reg_token": "embeddings.register_tokens",
+          "pos_embed": "embeddings.position_embeddings",
           "patch_embed.proj": "embeddings.patch_embeddings.projection", "norm": "layernorm"}
+"""timm names outside the blocks -> transformers names (whole keys or module prefixes)."""
+
+
+def _renamed(key: str, table: dict[str, str]) -> str:
+    """``key`` through ``table`` (a whole key, or its module prefix); else unchanged."""
+    stem, _, leaf = key.rpartition(".")
+    if key in table:
+        return table[key]
+    return f"{table[stem]}.{leaf}" if stem in table else key
 _IGNORED_TIMM = ("head.", "fc_norm.", "mask_token")
 """Keys of published timm files that the embedding never uses (a classification head; timm
 drops them too when built with ``num_classes=0``)."""
@@ -252,7 +262,6 @@ def timm_to_hf(state: dict[str, torch.Tensor], arch: FoundationArch) -> dict[str
     for key, value in state.items():
         if key.startswith(_IGNORED_TIMM):
             continue
-        stem, _, leaf = key.rpartition(".")
         if key.startswith("blocks."):
             _, i, rest = key.split(".", 2)
             stem_rest = rest.rpartition(".")[0] if rest.endswith(("weight", "bias")) else rest
@@ -268,14 +277,8 @@ def timm_to_hf(state: dict[str, torch.Tensor], arch: FoundationArch) -> dict[str
                     out[prefix + name + suffix] = part
             else:
                 out[prefix + target + suffix] = value
-        elif key == "pos_embed":
-            out["embeddings.position_embeddings"] = value
-        elif key in _EMBED:
-            out[_EMBED[key]] = value
-        elif stem in _EMBED:
-            out[f"{_EMBED[stem]}.{leaf}"] = value
         else:
-            out[key] = value
+            out[_renamed(key, _EMBED)] = value
     pos = out.get("embeddings.position_embeddings")
     if pos is not None and pos.ndim == 3:
         grid = arch.grid ** 2
@@ -319,16 +322,8 @@ def hf_to_timm(state: dict[str, torch.Tensor], arch: FoundationArch) -> dict[str
                     break
             else:
                 out[key] = value
-        elif key == "embeddings.position_embeddings":
-            out["pos_embed"] = value
         else:
-            stem, _, leaf = key.rpartition(".")
-            if key in inverse_embed:
-                out[inverse_embed[key]] = value
-            elif stem in inverse_embed:
-                out[f"{inverse_embed[stem]}.{leaf}"] = value
-            else:
-                out[key] = value
+            out[_renamed(key, inverse_embed)] = value
     for tkey, chunks in parts.items():
         out[tkey] = torch.cat([v for _, v in sorted(chunks, key=lambda c: c[0])], dim=0)
     pos = out["pos_embed"]
