@@ -68,6 +68,12 @@ def _vmap_grad_samples(module: nn.Module, batch: list[torch.Tensor]) -> torch.Te
         for _, p in trainable:
             setattr(p, "grad_sample", torch.zeros((0, *p.shape)))  # noqa: B010 (Opacus)
         return torch.zeros(())
+    fast = getattr(module, "slide_gradients", None)
+    if callable(fast):  # the model computes its own per-slide gradients (expanded weights)
+        per_slide, losses = fast(*batch)
+        for n, p in trainable:
+            setattr(p, "grad_sample", per_slide[n])  # noqa: B010 (Opacus' attribute)
+        return losses.mean()
     params = {f"model.{n}": p.detach() for n, p in trainable}
 
     def one_loss(p: dict[str, torch.Tensor], *sample: torch.Tensor) -> torch.Tensor:

@@ -109,6 +109,42 @@ def test_patch_cnn_per_slide_gradients_match_one_slide_at_a_time() -> None:
             assert torch.allclose(per_slide[n][i], p.grad, atol=1e-5), n
 
 
+def test_patch_cnn_expanded_weights_equal_vmap_with_patch_labels_and_frozen_layers() -> None:
+    """The CNN's own per-slide gradients (one weight copy per slide) equal torch.func's
+    vmap over slides, with annotation labels per patch and the stem frozen."""
+    from torch.func import functional_call, grad, vmap
+
+    from common.site import freeze
+
+    torch.manual_seed(1)
+    model = build_model("residual-patch-cnn", patch_size=16, dropout=0.0)
+    freeze(model, "cnn.stem", "residual-patch-cnn")
+    x, y = torch.randn(5, 3, 3, 16, 16), torch.randint(0, 2, (5, 3)).float()
+    fast, losses = model.slide_gradients(x, y)
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert set(fast) == set(params) and not any(n.startswith("cnn.stem") for n in fast)
+
+    losses_of = _Losses(model)
+
+    def one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return functional_call(losses_of, {f"m.{k}": v for k, v in p.items()},
+                               (xi[None], yi[None]))[0]
+
+    slow = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    for n in params:
+        assert torch.allclose(fast[n], slow[n], atol=1e-5), n
+    assert torch.allclose(losses, model.sample_losses(x, y), atol=1e-6)
+
+
+class _Losses(torch.nn.Module):
+    def __init__(self, m: torch.nn.Module) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.m.sample_losses(x, y)  # type: ignore[operator, no-any-return]
+
+
 @pytest.mark.parametrize("name", MIL_MODELS)
 def test_mil_vmap_per_bag_gradients_match_one_bag_at_a_time(name: str) -> None:
     """The torch.func path (PathFed's default for DP) agrees with one bag at a time."""

@@ -119,6 +119,64 @@ class SlidePatchClassifier(nn.Module):
         return F.cross_entropy(logits.reshape(b * k, c), target,
                                reduction="none").reshape(b, k).mean(1)
 
+    def slide_gradients(self, patches: torch.Tensor, labels: torch.Tensor
+                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per-slide gradients ``{name: [B, *shape]}`` of the trainable parameters and the
+        per-slide losses ``[B]``, in one forward and backward pass.
+
+        Each slide gets its own copy of the weights ("expanded weights"): its patches run
+        through grouped convolutions (one group per slide), a GroupNorm with the slide's
+        groups, and batched matrix products, so the gradient of the summed loss with
+        respect to copy ``b`` is slide ``b``'s gradient. The same numbers as
+        ``torch.func.vmap`` over slides (tested), at a fraction of its cost on CPU.
+        """
+        cnn = self.cnn
+        b, k, _, size, _ = patches.shape
+        own = dict(cnn.named_parameters())
+        trainable = [n for n, p in own.items() if p.requires_grad]
+        w = {n: (p.detach().unsqueeze(0).expand(b, *p.shape).clone().requires_grad_(True)
+                 if n in trainable else p.detach().unsqueeze(0).expand(b, *p.shape))
+             for n, p in own.items()}
+
+        def conv(x: torch.Tensor, name: str, padding: int) -> torch.Tensor:
+            weight = w[name]
+            return F.conv2d(x, weight.reshape(b * weight.shape[1], *weight.shape[2:]),
+                            padding=padding, groups=b)
+
+        def norm(x: torch.Tensor, name: str, module: nn.Module) -> torch.Tensor:
+            assert isinstance(module, nn.GroupNorm)
+            return F.group_norm(x, b * module.num_groups, w[f"{name}.weight"].reshape(-1),
+                                w[f"{name}.bias"].reshape(-1), module.eps)
+
+        def unit(x: torch.Tensor, name: str, module: ResidualUnit) -> torch.Tensor:
+            out = F.relu(norm(conv(x, f"{name}.conv1.weight", 1), f"{name}.norm1",
+                              module.norm1))
+            out = norm(conv(out, f"{name}.conv2.weight", 1), f"{name}.norm2", module.norm2)
+            skip = x
+            if isinstance(module.skip, nn.Sequential):
+                skip = norm(conv(x, f"{name}.skip.0.weight", 0), f"{name}.skip.1",
+                            module.skip[1])
+            return F.relu(out + skip)
+
+        def linear(x: torch.Tensor, name: str) -> torch.Tensor:  # x[k, B, F]
+            return (torch.einsum("kbf,bof->kbo", x, w[f"{name}.weight"])
+                    + w[f"{name}.bias"].unsqueeze(0))
+
+        x = patches.transpose(0, 1).reshape(k, b * 3, size, size)  # slide b: channels 3b..
+        h = F.relu(norm(conv(x, "stem.0.weight", 1), "stem.1", cnn.stem[1]))
+        h = F.max_pool2d(h, 2)
+        h = F.max_pool2d(unit(h, "unit1", cnn.unit1), 2)
+        h = unit(h, "unit2", cnn.unit2)
+        h = F.relu(linear(h.reshape(k, b, -1), "fc"))
+        logits = linear(cnn.dropout(h), "head").transpose(0, 1)  # [B, k, C]
+        target = (labels.long() if labels.dim() == 2
+                  else labels.long().unsqueeze(1).expand(b, k))
+        losses = F.cross_entropy(logits.reshape(b * k, -1), target.reshape(-1),
+                                 reduction="none").reshape(b, k).mean(1)
+        grads = torch.autograd.grad(losses.sum(), [w[n] for n in trainable])
+        return ({f"cnn.{n}": g for n, g in zip(trainable, grads, strict=True)},
+                losses.detach())
+
     def scores(self, patches: torch.Tensor) -> torch.Tensor:
         """Per-slide score ``[B]``: mean over patches of the class-1 log-odds."""
         logits = self(patches)
