@@ -26,7 +26,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-MODES = ("plain", "hooks", "functorch", "ew", "ghost", "vmap")
+MODES = ("plain", "hooks", "functorch", "ew", "ghost", "vmap", "slide-ew")
+"""``vmap``: torch.func over slides; ``slide-ew``: the model's own per-slide gradients
+(expanded weights, the patch CNN's path in training; other models have none)."""
 
 
 def _batch(model_name: str, args: argparse.Namespace) -> tuple[Any, list[Any]]:
@@ -79,7 +81,9 @@ def _stepper(model_name: str, mode: str, args: argparse.Namespace) -> Any:
         kwargs: dict[str, Any] = {}
         if mode == "ghost":
             kwargs = {"grad_sample_mode": "ghost", "criterion": torch.nn.BCEWithLogitsLoss()}
-        elif mode == "vmap":
+        elif mode in ("vmap", "slide-ew"):
+            if mode == "slide-ew" and not hasattr(model, "slide_gradients"):
+                return "the model has no slide_gradients (it trains with vmap)"
             kwargs = {"grad_sample_mode": "no_op"}
         else:
             kwargs = {"grad_sample_mode": mode}
@@ -95,8 +99,8 @@ def _stepper(model_name: str, mode: str, args: argparse.Namespace) -> Any:
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        if mode == "vmap":
-            _vmap_grad_samples(model, batch)
+        if mode in ("vmap", "slide-ew"):
+            _vmap_grad_samples(model, batch, model_gradients=mode == "slide-ew")
         elif mode == "ghost":
             *inputs, y = batch
             out = step_model(*inputs)
@@ -224,7 +228,8 @@ def _every_model(args: argparse.Namespace, console: Console) -> int:
     process."""
     from common.models import MODELS
 
-    table = Table(title=f"DP-SGD step (torch.func per-slide gradients, clipping, noise) vs "
+    table = Table(title=f"DP-SGD step (PathFed's per-slide gradients: torch.func, or the "
+                        f"patch CNN's expanded weights; clipping, noise) vs "
                         f"plain step, every model on {args.device} (best of {args.repeats}; "
                         f"bags {args.bags} x {args.instances} x {args.features}, patch "
                         f"slides {args.slides} x {args.patches} x {args.patch_size} px)")
@@ -232,8 +237,9 @@ def _every_model(args: argparse.Namespace, console: Console) -> int:
                 "DP MB", "memory DP / plain", f"within {TARGET}x"):
         table.add_column(col, justify="right", no_wrap=col == "model")
     for name, spec in sorted(MODELS.items()):
-        both = _measure(name, ("plain", "vmap"), args)
-        plain, dp = both["plain"], both["vmap"]
+        path = "slide-ew" if hasattr(_batch(name, args)[0], "slide_gradients") else "vmap"
+        both = _measure(name, ("plain", path), args)
+        plain, dp = both["plain"], both[path]
         if "error" in plain or "error" in dp:
             table.add_row(name, spec.kind, "-", "-", plain.get("error") or dp.get("error"),
                           "-", "-", "-", "-")

@@ -16,8 +16,9 @@ weights are never mixed; the built encoder must match its declaration.
 - Models of :mod:`common.models` with an embedding method join with
   :func:`register_model_encoder`.
 
-Encoders never normalise with statistics of the data (fixed ImageNet constants only): that
-would be an unaccounted use of private data outside DP-SGD.
+Encoders never normalise with statistics of the data (only fixed constants: ImageNet's, or
+those a foundation encoder was published with): that would be an unaccounted use of
+private data outside DP-SGD.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ class TorchEncoder:
         embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
         normalisation: Normalisation = IMAGENET, input_size: int | None = None,
         resize: Resize | None = None, batch_size: int = 64, device: str = "cpu",
+        bf16: bool = False,
     ) -> None:
         import torch
 
@@ -131,6 +133,9 @@ class TorchEncoder:
         self.resize = resize
         """Patches of any size are resized (and cropped) to the network's input first."""
         self.normalisation: Normalisation | None = normalisation
+        self.bf16 = bf16
+        """Whether the forward pass runs in bfloat16 autocast on CUDA (the published
+        foundation encoders, trained in mixed precision); feature files record it."""
         self._embed = embed or self.module
         self._mean = torch.tensor(normalisation[0]).view(1, 3, 1, 1)
         self._std = torch.tensor(normalisation[1]).view(1, 3, 1, 1)
@@ -141,37 +146,43 @@ class TorchEncoder:
     def to(self, device: str) -> TorchEncoder:
         """Run the encoder on ``device`` (``cpu``, ``cuda``, ``cuda:1``, ``mps``).
 
-        On CUDA the forward pass runs in bfloat16 autocast (features are returned as
-        float32), convolutional encoders in channels-last memory, and a batch that does not
-        fit in memory is halved until it does (:meth:`__call__`).
+        On CUDA, encoders built with ``bf16`` run in bfloat16 autocast (features are
+        returned as float32), convolutional encoders in channels-last memory, and a batch
+        that does not fit in memory is halved until it does (:meth:`__call__`).
         """
         import torch
 
         self.device = torch.device(device)
         self.module.to(self.device)
-        if self.device.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) and m.kernel_size
-                                              != m.stride for m in self.module.modules()):
+        self._channels_last = self.device.type == "cuda" and any(
+            isinstance(m, torch.nn.Conv2d) and m.kernel_size != m.stride
+            for m in self.module.modules())
+        if self._channels_last:
             self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self._mean, self._std = self._mean.to(self.device), self._std.to(self.device)
         return self
 
     @property
     def autocast(self) -> bool:
-        """Whether the forward pass runs in bfloat16 (on CUDA)."""
-        return self.device.type == "cuda"
+        """Whether the forward pass runs in bfloat16 (``bf16`` encoders on CUDA)."""
+        return self.bf16 and self.device.type == "cuda"
+
+    @property
+    def precision(self) -> str:
+        """What the features are computed in (recorded in feature files)."""
+        return "bfloat16" if self.autocast else "float32"
 
     def _forward(self, patches: np.ndarray) -> np.ndarray:
         import torch
 
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16,
                                                      enabled=self.autocast):
-            x = torch.from_numpy(np.ascontiguousarray(patches)).to(self.device,
-                                                                  non_blocking=True)
+            x = torch.from_numpy(np.ascontiguousarray(patches)).to(self.device)
             x = x.permute(0, 3, 1, 2).float().div_(255.0)
             if self.resize is not None:
                 x = self.resize(x)
             x = (x - self._mean) / self._std
-            if self.device.type == "cuda":
+            if self._channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             out = self._embed(x)
             return out.reshape(out.shape[0], -1).float().cpu().numpy()
@@ -189,17 +200,17 @@ class TorchEncoder:
         while i < len(patches):
             try:
                 parts.append(self._forward(patches[i:i + self.batch_size]))
+                i += self.batch_size
+                continue
             except RuntimeError as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
                 if "out of memory" not in str(err).lower() or self.batch_size == 1:
                     raise
-                import torch
+            import torch  # outside the except: the failed batch's tensors are freed now
 
-                torch.cuda.empty_cache()
-                self.batch_size //= 2
-                log.warning("encoder %s: out of device memory; batch size now %d",
-                            self.name, self.batch_size)
-                continue
-            i += self.batch_size
+            torch.cuda.empty_cache()
+            self.batch_size //= 2
+            log.warning("encoder %s: out of device memory; batch size now %d", self.name,
+                        self.batch_size)
         return np.concatenate(parts).astype(np.float32, copy=False)
 
     def __repr__(self) -> str:
@@ -474,7 +485,7 @@ def foundation_encoder(arch: FoundationArch, weights: str | Path) -> TorchEncode
     module = load_module(arch, weights)
     return TorchEncoder(module, arch.name, file_sha256(weights_path(arch, weights)),
                         embed=embed_fn(arch, module), normalisation=arch.normalisation,
-                        resize=arch.resize, batch_size=32)
+                        resize=arch.resize, batch_size=32, bf16=True)
 
 
 def _foundation(name: str) -> EncoderBuilder:

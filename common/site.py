@@ -74,11 +74,10 @@ def initial_model(cfg: FederationConfig) -> torch.nn.Module:
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
         log.info("initial model: %s (round %s of run %s)", path,
                  card.round if card else "?", card.run_id if card else "?")
-    frozen = freeze(model, cfg.freeze, cfg.model)  # refuse a wrong prefix before round 1
+    frozen = frozen_names(model, cfg.freeze, cfg.model)  # a wrong prefix fails before round 1
     if frozen:
         log.info("frozen in local training: %d of %d parameter tensors (%s)", len(frozen),
-                 len(model.state_dict()), cfg.freeze)
-        model.requires_grad_(True)
+                 len(list(model.parameters())), cfg.freeze)
     return model
 
 
@@ -118,6 +117,15 @@ def freeze(model: torch.nn.Module, prefixes: str, name: str) -> list[str]:
     """Keep the parameters under the comma-separated ``prefixes`` fixed (no gradient);
     return their names. A prefix that names no parameter, or freezing every parameter, is
     a :class:`ConfigError` listing the model's parameter groups."""
+    frozen = frozen_names(model, prefixes, name)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            p.requires_grad_(False)
+    return frozen
+
+
+def frozen_names(model: torch.nn.Module, prefixes: str, name: str) -> list[str]:
+    """The parameters :func:`freeze` would fix (checked, without changing ``model``)."""
     wanted = [p.strip() for p in prefixes.split(",") if p.strip()]
     if not wanted:
         return []
@@ -135,9 +143,6 @@ def freeze(model: torch.nn.Module, prefixes: str, name: str) -> list[str]:
     if len(frozen) == len(names):
         raise ConfigError(f"freeze: {prefixes!r} freezes every parameter of {name}; leave "
                           "some of its groups to train")
-    for n, p in model.named_parameters():
-        if n in frozen:
-            p.requires_grad_(False)
     return frozen
 
 

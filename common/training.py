@@ -56,10 +56,13 @@ def _mean_loss(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
     return losses.mean()
 
 
-def _vmap_grad_samples(module: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
-    """Per-sample gradients with ``torch.func`` (one sample = one slide), for Opacus'
-    ``no_op`` mode: each parameter gets ``grad_sample[B, *shape]``. Returns the batch's
-    mean loss, from the same forward pass (``grad_and_value``: no second forward)."""
+def _vmap_grad_samples(module: nn.Module, batch: list[torch.Tensor],
+                       model_gradients: bool = True) -> torch.Tensor:
+    """Per-sample gradients (one sample = one slide), for Opacus' ``no_op`` mode: each
+    parameter gets ``grad_sample[B, *shape]``. A model with its own ``slide_gradients``
+    computes them (unless ``model_gradients`` is False), any other through
+    ``torch.func.vmap``. Returns the batch's mean loss, from the same forward pass
+    (``grad_and_value``: no second forward)."""
     from torch.func import functional_call, grad_and_value, vmap
 
     view = _LossView(module)
@@ -68,7 +71,7 @@ def _vmap_grad_samples(module: nn.Module, batch: list[torch.Tensor]) -> torch.Te
         for _, p in trainable:
             setattr(p, "grad_sample", torch.zeros((0, *p.shape)))  # noqa: B010 (Opacus)
         return torch.zeros(())
-    fast = getattr(module, "slide_gradients", None)
+    fast = getattr(module, "slide_gradients", None) if model_gradients else None
     if callable(fast):  # the model computes its own per-slide gradients (expanded weights)
         per_slide, losses = fast(*batch)
         for n, p in trainable:

@@ -86,9 +86,16 @@ def main(argv: list[str] | None = None) -> int:
                                                                     "features"), **train),
                       run_dir=base)
     new_slides = args.out / "new" / "slides"
+    made = {"stain": list(stain), "slides": args.new_slides or args.slides}
+    record = new_slides / "made.json"
+    if (new_slides / "labels.csv").is_file() and (
+            not record.is_file() or json.loads(record.read_text()) != made):
+        raise SystemExit(f"{new_slides} holds slides made with other --stain or --new-slides "
+                         f"settings; give another --out")
     if not (new_slides / "labels.csv").is_file():
-        make_slides(new_slides, 1, args.new_slides or args.slides, size=(768, 512), seed=7)
+        make_slides(new_slides, 1, made["slides"], size=(768, 512), seed=7)
         _restain_folder(new_slides, *stain)
+        record.write_text(json.dumps(made))
     features = args.out / "new" / "features"
     prepare(new_slides, features, mpp=1.0, patch_size=32, progress=False)
     cfg = FederationConfig(data=str(features), rounds=args.rounds, **train)

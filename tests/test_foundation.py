@@ -92,6 +92,10 @@ def test_features_equal_timm_for_the_same_weights(name: str, timm_tiny: dict,
     assert got.shape == tuple(ref["embedding"].shape) and encoder.dim == small.dim
     np.testing.assert_allclose(got, ref["embedding"].numpy(), rtol=1e-4, atol=1e-4)
     assert np.abs(got).mean() > 0.1  # not a degenerate output
+    # the same network saved in transformers' names (with its mask token) loads too
+    hf = _save(load_module(small, weights).state_dict(), tmp_path / "hf.bin")
+    np.testing.assert_allclose(foundation_encoder(small, hf)(ref["patches"].numpy()), got,
+                               rtol=1e-6, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +149,7 @@ def test_prepare_with_a_foundation_encoder(tmp_path: Path, lunit: tuple) -> None
     with h5py.File(tmp_path / "out" / "s.h5") as h5:
         assert h5["features"].shape[1] == 384 and len(h5["features"]) > 0
         assert h5.attrs["encoder"] == "lunit-dino"
+        assert h5.attrs["encoder_precision"] == "float32"  # bfloat16 only on CUDA
         assert h5.attrs["weights_hash"] == build_encoder("lunit-dino", weights).weights_hash
 
 
@@ -184,6 +189,10 @@ def test_transformers_checkpoint_in_older_key_names(name: str, tmp_path: Path) -
         loaded = load_module(small, weights)
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in module.state_dict().items()
                    if not k.endswith("mask_token"))
+    half = tmp_path / "half"
+    half.mkdir()
+    _save({k: v.half() for k, v in state.items()}, half / "model.safetensors")
+    assert {p.dtype for p in load_module(small, half).parameters()} == {torch.float32}
     np.testing.assert_allclose(foundation_encoder(small, folder)(patches), reference(patches),
                                rtol=1e-5, atol=1e-5)
 

@@ -361,14 +361,18 @@ def read_state(path: Path, encoder: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
 
 
-def _differences(found: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    shapes = [f"{k} {list(found[k].shape)} (expected {list(expected[k].shape)})"
-              for k in expected if k in found and tuple(found[k].shape) != tuple(expected[k].shape)]
+def _listed(missing: list[str], unexpected: list[str], shapes: list[str]) -> list[str]:
+    """The first few of each kind of difference, for a one-line error."""
     return [f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
             for label, items in (("missing", missing), ("unexpected", unexpected),
                                  ("wrong shape", shapes)) if items]
+
+
+def _differences(found: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    shapes = [f"{k} {list(found[k].shape)} (expected {list(expected[k].shape)})"
+              for k in expected if k in found and tuple(found[k].shape) != tuple(expected[k].shape)]
+    return _listed([k for k in expected if k not in found],
+                   [k for k in found if k not in expected], shapes)
 
 
 def load_module(arch: FoundationArch, path: str | Path) -> nn.Module:
@@ -388,7 +392,8 @@ def load_module(arch: FoundationArch, path: str | Path) -> nn.Module:
     own = module.state_dict()
     hf_style = any(k.startswith(("embeddings.", "encoder.", "layers.")) for k in state)
     if hf_style:  # a file of this very transformers network (e.g. written by a test or a user)
-        found, expected = state, {k: v for k, v in own.items() if k != "embeddings.mask_token"}
+        found = {k: v for k, v in state.items() if k != "embeddings.mask_token"}
+        expected = {k: v for k, v in own.items() if k != "embeddings.mask_token"}
     else:
         found = {k: v for k, v in state.items() if not k.startswith(_IGNORED_TIMM)}
         expected = hf_to_timm(own, arch)
@@ -396,7 +401,7 @@ def load_module(arch: FoundationArch, path: str | Path) -> nn.Module:
     if wrong:
         raise DataError(f"{path}: weights do not fit encoder {arch.name!r} ({'; '.join(wrong)}); "
                         f"it expects {arch.weights_file}")
-    converted = dict(state) if hf_style else timm_to_hf(state, arch)
+    converted = dict(found) if hf_style else timm_to_hf(state, arch)
     if "embeddings.mask_token" in own:  # used only for masked pre-training
         converted.setdefault("embeddings.mask_token",
                              torch.zeros(own["embeddings.mask_token"].shape))
@@ -425,22 +430,21 @@ def _load_transformers(arch: FoundationArch, path: Path) -> nn.Module:
     """A transformers-format checkpoint (a file, or a folder holding one) through
     ``from_pretrained``, which knows every key naming transformers has used; the
     architecture is ours (the published numbers), never the folder's ``config.json``."""
-    file = weights_path(arch, path)
     import torch
 
-    read_state(file, arch.name)  # a readable state dict, or one clear line
+    file = weights_path(arch, path)
     with torch.device("meta"):
         template = build_module(arch)
     with tempfile.TemporaryDirectory(prefix="pathfed-encoder-") as tmp:
         folder = Path(tmp)
         template.config.save_pretrained(folder)  # type: ignore[union-attr, operator]
-        suffix = ".safetensors" if file.suffix == ".safetensors" else ".bin"
-        (folder / ("model.safetensors" if suffix == ".safetensors" else "pytorch_model.bin")
-         ).symlink_to(file.resolve())
+        (folder / ("model.safetensors" if file.suffix == ".safetensors"
+                   else "pytorch_model.bin")).symlink_to(file.resolve())
         kwargs = {"add_pooling_layer": False} if arch.family == "vit" else {}
         try:
             module, info = type(template).from_pretrained(  # type: ignore[attr-defined]
-                folder, local_files_only=True, output_loading_info=True, **kwargs)
+                folder, local_files_only=True, output_loading_info=True,
+                dtype=torch.float32, **kwargs)  # fp16 files run in float32, as timm's
         except Exception as err:  # shape mismatches raise inside from_pretrained
             raise DataError(f"{file}: weights do not fit encoder {arch.name!r} "
                             f"({str(err).splitlines()[0][:300]}); it expects "
@@ -449,9 +453,7 @@ def _load_transformers(arch: FoundationArch, path: Path) -> nn.Module:
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("mask_token")]
     shapes = [str(m[0]) if isinstance(m, tuple) else str(m)
               for m in info.get("mismatched_keys", [])]
-    wrong = [f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
-             for label, items in (("missing", missing), ("unexpected", unexpected),
-                                  ("wrong shape", shapes)) if items]
+    wrong = _listed(missing, unexpected, shapes)
     if wrong:
         raise DataError(f"{file}: weights do not fit encoder {arch.name!r} ({'; '.join(wrong)}); "
                         f"it expects {arch.weights_file}")

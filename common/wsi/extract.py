@@ -132,6 +132,7 @@ def _write_features(
             "mpp": grid.mpp, "patch_size": grid.patch_size, "level": grid.level,
             "downsample": grid.downsample, "size_baseline": grid.size_baseline,
             "encoder": encoder.name, "weights_hash": encoder.weights_hash,
+            "encoder_precision": getattr(encoder, "precision", "float32"),
             # relative to the slide folder: an absolute path would tell anyone holding
             # the features how the hospital lays out its storage
             "slide_path": slide_path, "slide_mpp": reader.mpp,
