@@ -121,17 +121,21 @@ class SlideReader(ABC):
 
         Reads the best level (the finest not finer than needed) and resizes with PIL.
         """
+        w, h = size
+        level, read = self._level_read(mpp, (w, h))
+        region = self.read_region(location, level, read)
+        if read == (w, h):
+            return region
+        return np.asarray(Image.fromarray(region).resize((w, h), Image.Resampling.BILINEAR))
+
+    def _level_read(self, mpp: float, size: Size) -> tuple[int, Size]:
+        """The level to read ``size`` pixels at ``mpp`` from, and how many of its pixels."""
         if mpp <= 0:
             raise ValueError(f"mpp must be positive, got {mpp}")
         downsample = mpp / self.mpp
         level = self.best_level_for_downsample(downsample)
         scale = downsample / self.level_downsamples[level]
-        w, h = size
-        read = (max(1, round(w * scale)), max(1, round(h * scale)))
-        region = self.read_region(location, level, read)
-        if read == (w, h):
-            return region
-        return np.asarray(Image.fromarray(region).resize((w, h), Image.Resampling.BILINEAR))
+        return level, (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
 
     def read_patches_at_mpp(self, coords: np.ndarray, patch_size: int, mpp: float,
                             max_run: int = 32) -> np.ndarray:
@@ -145,11 +149,9 @@ class SlideReader(ABC):
         """
         n, p = len(coords), patch_size
         out = np.empty((n, p, p, 3), dtype=np.uint8)
-        if mpp <= 0:
-            raise ValueError(f"mpp must be positive, got {mpp}")
-        level = self.best_level_for_downsample(mpp / self.mpp)
+        level, read = self._level_read(mpp, (p, p))
         ds = self.level_downsamples[level]
-        direct = max(1, round(p * (mpp / self.mpp) / ds)) == p
+        direct = read == (p, p)
         xy = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         aligned = direct and bool(np.all(np.mod(xy, ds) == 0)) if n else False
         if not aligned:
