@@ -109,6 +109,7 @@ def lunit(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Pa
             _save(module.state_dict(), folder / "hf.bin"))
 
 
+@pytest.mark.slow  # a full-size ViT-S/8 forward on CPU (seconds)
 def test_small_encoder_at_full_size_through_weights_files(lunit: tuple) -> None:
     """Lunit ViT-S/8 (21.7 M) with random weights in both files, loaded with --weights: the
     same features, from 256-px patches resized to its 224 input and normalised with Lunit's
@@ -132,6 +133,7 @@ def test_small_encoder_at_full_size_through_weights_files(lunit: tuple) -> None:
     assert not np.allclose(fa, a(patches[:, :224, :224]), atol=1e-3)  # resized, not cropped
 
 
+@pytest.mark.slow  # a full-size ViT-S/8 forward on CPU (seconds)
 def test_prepare_with_a_foundation_encoder(tmp_path: Path, lunit: tuple) -> None:
     import h5py
 
