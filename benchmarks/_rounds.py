@@ -33,7 +33,7 @@ def _measure_bytes(msg: Any, ctxt: Any, call_next: Any) -> Any:
 
 
 def run(sites: int, n_params: int, rounds: int, secagg: bool, work: Path,
-        num_shares: float = 1.0) -> dict[str, float]:
+        num_shares: float = 0.0, dropout: float = 0.2) -> dict[str, float]:
     """Run the federation; mean seconds per round (rounds 2..) and mean bytes per site-round."""
     from flwr.client import NumPyClient
     from flwr.clientapp import ClientApp
@@ -70,7 +70,7 @@ def run(sites: int, n_params: int, rounds: int, secagg: bool, work: Path,
             return [rng.uniform(-0.01, 0.01, n_params).astype(np.float32)], 1, {}
 
     cfg = FederationConfig(sites=sites, secagg=True, secagg_clipping_range=0.05,
-                           secagg_num_shares=num_shares)
+                           secagg_num_shares=num_shares, secagg_dropout=dropout)
     server = ServerApp()
 
     @server.main()  # type: ignore[misc]

@@ -40,21 +40,26 @@ def mask_throughput(sizes: list[int], repeats: int) -> Table:
 
 
 def round_cost(site_counts: list[int], sizes: list[int], rounds: int,
-               num_shares: float) -> Table:
+               num_shares: float, dropout: float) -> Table:
     from benchmarks._rounds import run
+    from common.crypto import choose_shares
 
+    shares = (f"secagg-num-shares {num_shares:g}" if num_shares
+              else f"shares chosen for secagg-dropout {dropout:g}")
     table = Table(title=f"SecAgg+ vs plain FedAvg, per round (rounds 2-{rounds}; sites send "
-                        f"fixed float32 updates; secagg-num-shares {num_shares:g})")
-    for col in ("sites", "params", "plain s/round", "SecAgg+ s/round", "time SecAgg+ / plain",
-                "plain bytes / float32", "SecAgg+ bytes / float32"):
+                        f"fixed float32 updates; {shares})")
+    for col in ("sites", "params", "shares / threshold", "plain s/round", "SecAgg+ s/round",
+                "time SecAgg+ / plain", "plain bytes / float32", "SecAgg+ bytes / float32"):
         table.add_column(col, justify="right")
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             for sites in site_counts:
                 plain = run(sites, n, rounds, False, Path(tmp))
-                secure = run(sites, n, rounds, True, Path(tmp), num_shares)
+                secure = run(sites, n, rounds, True, Path(tmp), num_shares, dropout)
+                choice = choose_shares(sites, dropout, num_shares)
                 table.add_row(
-                    str(sites), f"{n / 1e6:g}M", f"{plain['s_per_round']:.2f}",
+                    str(sites), f"{n / 1e6:g}M", f"{choice.shares} / {choice.threshold}",
+                    f"{plain['s_per_round']:.2f}",
                     f"{secure['s_per_round']:.2f}",
                     f"{secure['s_per_round'] / plain['s_per_round']:.2f}x",
                     f"{plain['bytes_per_site_round'] / (4 * n):.3f}x",
@@ -99,14 +104,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sites", type=int, nargs="+", default=[3, 10, 30])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--num-shares", type=float, default=1.0,
-                        help="secagg-num-shares: a fraction of the sites, or a count > 2")
+    parser.add_argument("--num-shares", type=float, default=0.0,
+                        help="secagg-num-shares: 0 (chosen from --dropout), a fraction of the "
+                             "sites, or a count > 2")
+    parser.add_argument("--dropout", type=float, default=0.2, help="secagg-dropout")
     parser.add_argument("--skip-cost", action="store_true", help="no SecAgg+ vs plain table")
     parser.add_argument("--skip-masks", action="store_true", help="no hardened vs stock tables")
     args = parser.parse_args(argv)
     console = Console()
     if not args.skip_cost:
-        console.print(round_cost(args.sites, args.sizes, args.rounds, args.num_shares))
+        console.print(round_cost(args.sites, args.sizes, args.rounds, args.num_shares,
+                                 args.dropout))
     if not args.skip_masks:
         console.print(mask_throughput(args.sizes, args.repeats))
         console.print(round_times([s for s in args.sites if s <= 10], args.rounds))

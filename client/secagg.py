@@ -1,13 +1,18 @@
 """The client side of PathFed's one seam around Flower's SecAgg+.
 
 Flower's ``secaggplus_mod`` does the whole client protocol (key agreement, Shamir shares,
-masking). PathFed changes two things: the function that expands a seed into masks, which in
-Flower 1.42 is a 32-bit-seeded ``numpy.random.RandomState``, and the encoding of the masked
-vector (``int64`` in Flower, ``uint32`` here: half the bytes). :func:`secaggplus_mod` wraps
-Flower's mod, swaps the mask function for :func:`common.crypto.expand_masks`, binds the
-round (the message's group id) into the nonce, and swaps the encoder for
-:func:`packed_encode`. ``server/secagg.py`` does the same on the server; both check that
-Flower's internals are where this seam expects them.
+masking). PathFed changes three things: the function that expands a seed into masks, which in
+Flower 1.42 is a 32-bit-seeded ``numpy.random.RandomState``; the encoding of the masked
+vector (``int64`` in Flower, ``uint32`` here: half the bytes); and the stochastic
+quantiser, which gives Flower's numbers from Flower's random draws with fewer temporary
+arrays, as ``uint32`` (:func:`quantize`). With ``uint32`` masks the whole masked vector
+is computed in 32-bit arithmetic, which wraps modulo ``2**32``: the same masked values
+as Flower's ``int64`` sums once its modulus is taken. Masks are added into the running
+vector rather than into a new array each (:func:`common.crypto.add_masks`).
+:func:`secaggplus_mod` wraps Flower's mod, swaps these in, and binds the round (the
+message's group id) into the nonce.
+``server/secagg.py`` does the same on the server; both check that Flower's internals are
+where this seam expects them.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from common.crypto import install_generator, mask_round
+from common.crypto import add_masks, install_generator, mask_round, subtract_masks
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,7 @@ _flwr_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggpl
 FLOWER_SERIES = "1.42."
 _STOCK = getattr(_flwr_mod, "pseudo_rand_gen", None)
 _STOCK_ENCODE = getattr(_flwr_mod, "ndarray_to_bytes", None)
+_STOCK_QUANTIZE = getattr(_flwr_mod, "quantize", None)
 
 
 def check_flower_internals() -> None:
@@ -49,6 +55,14 @@ def check_flower_internals() -> None:
         problems.append(f"pseudo_rand_gen has a new signature {inspect.signature(_STOCK)}")
     if _STOCK_ENCODE is None:
         problems.append("secaggplus_mod.ndarray_to_bytes is gone")
+    for name in ("parameters_addition", "parameters_subtraction"):
+        if not callable(getattr(_flwr_mod, name, None)):
+            problems.append(f"secaggplus_mod.{name} is gone")
+    if _STOCK_QUANTIZE is None:
+        problems.append("secaggplus_mod.quantize is gone")
+    elif list(inspect.signature(_STOCK_QUANTIZE).parameters) != [
+            "parameters", "clipping_range", "target_range"]:
+        problems.append(f"quantize has a new signature {inspect.signature(_STOCK_QUANTIZE)}")
     if problems:
         raise RuntimeError(
             "PathFed's SecAgg+ mask seam (client/secagg.py) no longer fits Flower: "
@@ -57,10 +71,13 @@ def check_flower_internals() -> None:
 
 
 def install_hardened_masks() -> None:
-    """Make Flower's client SecAgg+ mod expand masks with PathFed's generator and send its
-    masked vector as ``uint32`` (:func:`packed_encode`)."""
+    """Make Flower's client SecAgg+ mod expand masks with PathFed's generator, quantise
+    with :func:`quantize` and send its masked vector as ``uint32`` (:func:`packed_encode`)."""
     install_generator(_flwr_mod, cast(Callable[..., object], _STOCK), check_flower_internals)
     setattr(_flwr_mod, "ndarray_to_bytes", packed_encode)  # noqa: B010 (Flower's module)
+    setattr(_flwr_mod, "quantize", quantize)  # noqa: B010
+    setattr(_flwr_mod, "parameters_addition", add_masks)  # noqa: B010
+    setattr(_flwr_mod, "parameters_subtraction", subtract_masks)  # noqa: B010
 
 
 def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
@@ -100,12 +117,42 @@ def quantiser_seed(msg: Message, ctxt: Context) -> int | None:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
 
 
+def quantize(parameters: list[np.ndarray], clipping_range: float,
+             target_range: int) -> list[np.ndarray]:
+    """Flower's stochastic quantiser, value for value, as ``uint32``.
+
+    Flower's ``quantize`` maps ``clip(x, -c, c)`` onto ``[0, target_range]`` and rounds up
+    or down with probability given by one ``np.random.rand`` draw per value (NumPy's
+    global generator, which :func:`secaggplus_mod` seeds in deterministic simulations).
+    This computes the same float32 expression and the same float64 comparison with the
+    same draws, in place, and returns ``uint32`` (every value lies in
+    ``[0, target_range]``, ``target_range <= 2**28``) instead of ``int32``: numbers equal,
+    about half the time and memory for a 10M-parameter update.
+    """
+    quantizer = target_range / (2 * clipping_range)
+    out = []
+    for arr in parameters:
+        # Flower: (np.clip(arr, -c, c) + c) * quantizer, in the array's own float type
+        pre = np.clip(arr, -clipping_range, clipping_range)
+        pre += clipping_range
+        pre *= quantizer
+        up = np.ceil(pre)
+        ret = up.astype(np.uint32)
+        rand = np.random.rand(*ret.shape)
+        # Flower: ret[rand < ret - pre] -= 1, with ret - pre computed in float64; pre >= 0
+        # and ret == 0 only where pre == 0, so nothing wraps below zero
+        gap = np.subtract(up, pre, dtype=np.float64)
+        ret -= np.less(rand, gap, out=np.empty(ret.shape, bool))
+        out.append(ret)
+    return out
+
+
 def packed_encode(array: np.ndarray) -> bytes:
     """Flower's ``ndarray_to_bytes`` for the masked vector, as ``uint32`` rather than ``int64``.
 
     Masked values lie in ``[0, modulus)`` with a power-of-two modulus of at most ``2**32``
     (Flower's own limit), so they fit 32 bits exactly: half the bytes on the wire. The
-    server seam widens them back before Flower sums them.
+    server sums them in ``uint32`` too, which wraps modulo ``2**32``: Flower's modular sum.
     """
     assert _STOCK_ENCODE is not None
     if array.dtype.kind in "iu" and array.size and array.min() >= 0 and array.max() < 2**32:

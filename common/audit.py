@@ -144,6 +144,42 @@ def _against_config(name: str, records: list[dict[str, Any]], audit: SiteAudit,
                                "can remove it; a deployment must draw noise from a CSPRNG")
 
 
+def _check_shares(server_rounds: list[dict[str, Any]], report: AuditReport) -> None:
+    """Summarise each round's SecAgg+ share settings; flag thresholds that are no majority."""
+    settings: dict[tuple[int, int, int, int], list[int]] = {}
+    for rec in server_rounds:
+        shares = rec.get("secagg_shares")
+        if not isinstance(shares, dict):
+            continue
+        try:
+            key = (int(shares["sites"]), int(shares["shares"]), int(shares["threshold"]),
+                   int(shares["tolerated_dropouts"]))
+        except (KeyError, TypeError, ValueError):
+            report.problems.append(f"round {rec.get('round')}: malformed secagg_shares {shares}")
+            continue
+        settings.setdefault(key, []).append(int(rec.get("round", 0)))
+        if 2 * key[2] <= key[1]:
+            report.warnings.append(
+                f"round {rec.get('round')}: SecAgg+ threshold {key[2]} of {key[1]} shares is "
+                "no majority: a server that lies about who dropped out can rebuild both "
+                "secrets of a site, and so its update")
+    for (sites, k, t, tolerated), rounds in sorted(settings.items(), key=lambda kv: kv[1]):
+        report.notes.append(
+            f"SecAgg+ in round(s) {_ranges(rounds)}: {sites} sites, each site's keys shared "
+            f"among {k} (itself included), {t} rebuild one; any {tolerated} could drop out")
+
+
+def _ranges(rounds: list[int]) -> str:
+    """``1-3, 5`` for [1, 2, 3, 5]."""
+    out: list[str] = []
+    for r in sorted(rounds):
+        if out and r == int(out[-1].split("-")[-1]) + 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{r}"
+        else:
+            out.append(str(r))
+    return ", ".join(out)
+
+
 def _check_end(run_dir: Path, report: AuditReport, server_rounds: list[dict[str, Any]]) -> None:
     """The run-end record against ``summary.json``, and every checkpoint's hash."""
     from common.runs import sha256_file
@@ -388,6 +424,7 @@ def audit_run(run_dir: str | Path,
             report.problems.append(f"round {rnd}: secure aggregation "
                                    f"{'on' if rec.get('secure_aggregation') else 'off'}, but "
                                    f"the configuration says secagg = {report.config.get('secagg')}")
+    _check_shares(server_rounds, report)
     participants = {int(r.get("round", 0)): set(r.get("participants") or [])
                     for r in server_rounds}
     by_site: dict[str, list[dict[str, Any]]] = {}

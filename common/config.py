@@ -129,11 +129,25 @@ class FederationConfig(BaseModel):
 
     # Secure aggregation
     secagg: bool = Field(True, description="Aggregate through Flower's SecAgg+ workflow.")
+    secagg_dropout: float = Field(
+        0.2,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of a round's sites that may drop out after SecAgg+ setup, "
+        "anywhere, with the round still aggregated; sets the shares when "
+        "secagg-num-shares is 0.",
+    )
     secagg_num_shares: float = Field(
-        1.0, gt=0.0, description="Shares per site: an int > 2, or a fraction of the sites."
+        0.0,
+        ge=0.0,
+        description="Sites holding each site's key shares (itself included): 0 chooses the "
+        "fewest that survive secagg-dropout; an int > 2; or a fraction of the sites.",
     )
     secagg_threshold: float = Field(
-        0.5, gt=0.0, description="Shares needed to recover a key: an int, or a fraction."
+        0.0,
+        ge=0.0,
+        description="Shares needed to recover a key: 0 is a majority of the shares; an int, "
+        "or a fraction of them.",
     )
     secagg_max_weight: int = Field(
         1000, ge=1, description="Largest number of training slides at one site."
@@ -174,7 +188,8 @@ class FederationConfig(BaseModel):
         if self.secagg:
             shares, threshold = self.secagg_num_shares, self.secagg_threshold
             if shares > 1 and (shares != int(shares) or shares <= 2):
-                raise ValueError("secagg-num-shares: must be a fraction in (0, 1] or an int > 2")
+                raise ValueError("secagg-num-shares: must be 0 (chosen from secagg-dropout), "
+                                 "a fraction in (0, 1] or an int > 2")
             if threshold > 1 and threshold != int(threshold):
                 raise ValueError("secagg-threshold: must be a fraction in (0, 1] or an int")
             if shares > 1 and threshold > 1 and threshold >= shares:

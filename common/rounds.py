@@ -111,6 +111,8 @@ class RoundBook:
         self.asked: dict[int, list[str]] = {}
         self.skipped: dict[int, dict[str, str]] = {}
         self.rejected: dict[int, dict[str, str]] = {}
+        self.secagg_shares: dict[int, dict[str, int]] = {}
+        """Each round's SecAgg+ share settings, as the server's workflow ran them."""
         self.round_fit: dict[int, dict[str, Any]] = {}
         self.exhausted: dict[str, str] = {}
         """Sites whose budget cannot pay for another round (name -> reason)."""
@@ -240,6 +242,7 @@ class RoundBook:
             server_round=server_round, participants=participants, dropouts=dropouts,
             aggregate=aggregate, global_weights=self.global_weights, secagg=self.secagg,
             mask_generator=MASK_GENERATOR if self.secagg else None,
+            secagg_shares=self.secagg_shares.get(server_round) if self.secagg else None,
             checkpoint=str(checkpoint.relative_to(run_path)) if checkpoint and run_path
             else None,
             checkpoint_sha256=sha256_file(checkpoint) if checkpoint else None))

@@ -2,9 +2,11 @@
 
 Everything of the protocol is Flower's ``SecAggPlusWorkflow``. PathFed swaps the mask
 expansion (``pseudo_rand_gen``, a 32-bit-seeded ``RandomState`` in Flower 1.42) for
-:func:`common.crypto.expand_masks`, binds the round into the nonce, reads the ``uint32``
-masked vectors the client seam sends, and logs why sites dropped out. The client side is
-``client/secagg.py``.
+:func:`common.crypto.expand_masks`, binds the round into the nonce, chooses the number of
+shares from the sites sampled and the dropouts to tolerate (:func:`common.crypto.choose_shares`),
+and logs why sites dropped out. The ``uint32`` masked vectors the client seam sends are
+summed and unmasked as ``uint32``, which wraps modulo ``2**32``: Flower's modular sum,
+in half the memory of its ``int64``. The client side is ``client/secagg.py``.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import importlib
 import inspect
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Any, cast
 
 import flwr
-import numpy as np
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
@@ -27,8 +29,12 @@ from common.checks import update_bound
 from common.config import FederationConfig
 from common.crypto import (
     MASK_GENERATOR,
+    ShareChoice,
+    add_masks,
+    choose_shares,
     install_generator,
     mask_round,
+    subtract_masks,
     use_stock_masks,
 )
 
@@ -40,7 +46,6 @@ _flwr_workflow = importlib.import_module(
 
 FLOWER_SERIES = "1.42."
 _STOCK = getattr(_flwr_workflow, "pseudo_rand_gen", None)
-_STOCK_DECODE = getattr(_flwr_workflow, "bytes_to_ndarray", None)
 _STAGES = ("setup_stage", "share_keys_stage", "collect_masked_vectors_stage", "unmask_stage")
 
 
@@ -53,8 +58,9 @@ def check_flower_internals() -> None:
         problems.append("secaggplus_workflow.pseudo_rand_gen is gone")
     elif list(inspect.signature(_STOCK).parameters) != ["seed", "num_range", "dimensions_list"]:
         problems.append(f"pseudo_rand_gen has a new signature {inspect.signature(_STOCK)}")
-    if _STOCK_DECODE is None:
-        problems.append("secaggplus_workflow.bytes_to_ndarray is gone")
+    for name in ("parameters_addition", "parameters_subtraction"):
+        if not callable(getattr(_flwr_workflow, name, None)):
+            problems.append(f"secaggplus_workflow.{name} is gone")
     missing = [s for s in _STAGES if not hasattr(SecAggPlusWorkflow, s)]
     if missing:
         problems.append(f"SecAggPlusWorkflow lost {missing}")
@@ -66,33 +72,72 @@ def check_flower_internals() -> None:
 
 
 def install_hardened_masks() -> None:
-    """Make Flower's SecAgg+ workflow expand masks with PathFed's generator, and read the
-    ``uint32`` masked vectors that ``client/secagg.py`` sends."""
+    """Make Flower's SecAgg+ workflow expand masks with PathFed's generator, and sum masked
+    vectors and masks into the running total (:func:`common.crypto.add_masks`)."""
     install_generator(_flwr_workflow, cast(Callable[..., object], _STOCK),
                       check_flower_internals)
-    setattr(_flwr_workflow, "bytes_to_ndarray", _widening_decode)  # noqa: B010
-
-
-def _widening_decode(data: bytes) -> np.ndarray:
-    """Flower's ``bytes_to_ndarray``, widening packed ``uint32`` masked vectors to ``int64``
-    so that Flower's sums and modulus run as they do on its own encoding."""
-    assert _STOCK_DECODE is not None
-    array = _STOCK_DECODE(data)
-    return array.astype(np.int64) if array.dtype == np.uint32 else array
+    setattr(_flwr_workflow, "parameters_addition", add_masks)  # noqa: B010
+    setattr(_flwr_workflow, "parameters_subtraction", subtract_masks)  # noqa: B010
 
 
 class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
-    """Flower's SecAgg+ workflow with cryptographic masks and logged dropouts."""
+    """Flower's SecAgg+ workflow with cryptographic masks, shares chosen per round and
+    logged dropouts.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    Args:
+        dropout: fraction of a round's sites that may drop after setup (``secagg-dropout``).
+        num_shares, reconstruction_threshold: as PathFed's config gives them; 0 chooses
+            them each round (:func:`common.crypto.choose_shares`).
+        **kwargs: the rest of Flower's ``SecAggPlusWorkflow`` arguments.
+    """
+
+    def __init__(self, *, dropout: float = 0.2, num_shares: float = 0.0,
+                 reconstruction_threshold: float = 0.0, **kwargs: Any) -> None:
         install_hardened_masks()
-        super().__init__(*args, **kwargs)
+        self._choose = partial(choose_shares, dropout=dropout, num_shares=num_shares,
+                               threshold=reconstruction_threshold)
+        # Flower checks these before each round; setup_stage replaces them per round
+        super().__init__(num_shares=1.0, reconstruction_threshold=0.5, **kwargs)
+        self.choice: ShareChoice | None = None
+        """The last round's share settings, as Flower ran them."""
         if not use_stock_masks():
             log.info("SecAgg+ masks: %s", MASK_GENERATOR)
 
+    def _sized(self, sampled: int) -> None:
+        """Set Flower's share settings for a round of ``sampled`` sites."""
+        if sampled < 2:
+            return  # Flower cancels the round itself ("should be greater than 1")
+        choice = self._choose(sampled)
+        self.num_shares = choice.flower_num_shares
+        self.reconstruction_threshold = choice.flower_threshold
+
     def setup_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
-        ok = super().setup_stage(grid, context, state)
+        strategy = context.strategy
+        context.strategy = cast(Any, _Sampling(strategy, self._sized))
+        try:
+            ok = super().setup_stage(grid, context, state)
+        finally:
+            context.strategy = strategy
         from server.strategy import failure_reason
+
+        if state.num_shares:  # Flower got as far as choosing them
+            sites = len(state.sampled_node_ids)
+            asked = self._choose(sites).asked_dropouts
+            self.choice = ShareChoice(sites=sites, shares=min(state.num_shares, sites),
+                                      threshold=state.threshold, asked_dropouts=asked)
+            log.info("SecAgg+: %d sites, each site's keys shared among %d (itself "
+                     "included), %d rebuild one: any %d may drop out", sites,
+                     self.choice.shares, self.choice.threshold,
+                     self.choice.tolerated_dropouts)
+            if self.choice.tolerated_dropouts < asked:
+                log.warning("SecAgg+: secagg-dropout asks that %d of %d sites may drop; "
+                            "these shares tolerate %d", asked, sites,
+                            self.choice.tolerated_dropouts)
+            book = getattr(strategy, "book", None)
+            if book is not None:
+                cfg = context.state.config_records[MAIN_CONFIGS_RECORD]
+                book.secagg_shares[int(cast(int, cfg[WorkflowKey.CURRENT_ROUND]))] = (
+                    self.choice.record())
 
         for failure in state.failures:
             log.warning("site left secure aggregation at setup: %s", failure_reason(failure))
@@ -137,6 +182,23 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
             mask_round.reset(token)
 
 
+class _Sampling:
+    """The strategy, for the setup stage only: tells ``sized`` how many sites
+    ``configure_fit`` sampled, before Flower reads the share settings."""
+
+    def __init__(self, strategy: Any, sized: Callable[[int], None]) -> None:
+        self._strategy, self._sized = strategy, sized
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._strategy, name)
+
+    def configure_fit(self, *args: Any, **kwargs: Any) -> Any:
+        chosen = self._strategy.configure_fit(*args, **kwargs)
+        if chosen:
+            self._sized(len(chosen))
+        return chosen
+
+
 class _ShapeCheckingGrid:
     """The grid, for the masked-vector stage only: a reply whose masked vector does not
     have the model's shapes is named and dropped, so Flower recovers that site's masks as
@@ -150,6 +212,7 @@ class _ShapeCheckingGrid:
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        from flwr.common import bytes_to_ndarray
         from flwr.common.secure_aggregation.secaggplus_constants import (
             RECORD_KEY_CONFIGS,
             Key,
@@ -161,7 +224,7 @@ class _ShapeCheckingGrid:
                 problem = None
                 try:
                     raw = msg.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
-                    got = [tuple(_widening_decode(b).shape) for b in cast(list[bytes], raw)]
+                    got = [tuple(bytes_to_ndarray(b).shape) for b in cast(list[bytes], raw)]
                     if got != self._shapes:
                         problem = (f"{len(got)} arrays, first {got[:2]}; expected "
                                    f"{len(self._shapes)}, first {self._shapes[:2]}")
@@ -191,8 +254,6 @@ def _claimed_site(msg: Any) -> str | None:
 
 def make_secagg_workflow(cfg: FederationConfig) -> HardenedSecAggPlusWorkflow:
     """SecAgg+ with its ranges set deliberately from the DP and training settings."""
-    shares = cfg.secagg_num_shares
-    threshold = cfg.secagg_threshold
     clipping = update_bound(cfg)
     step = 2 * clipping / cfg.secagg_quantization_range
     log.info(
@@ -200,8 +261,9 @@ def make_secagg_workflow(cfg: FederationConfig) -> HardenedSecAggPlusWorkflow:
         "%.3g, max weight %d slides", clipping, step, cfg.secagg_max_weight,
     )
     return HardenedSecAggPlusWorkflow(
-        num_shares=int(shares) if shares > 1 else float(shares),
-        reconstruction_threshold=int(threshold) if threshold > 1 else float(threshold),
+        dropout=cfg.secagg_dropout,
+        num_shares=cfg.secagg_num_shares,
+        reconstruction_threshold=cfg.secagg_threshold,
         max_weight=float(cfg.secagg_max_weight),
         clipping_range=clipping,
         quantization_range=cfg.secagg_quantization_range,

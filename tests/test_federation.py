@@ -83,6 +83,14 @@ def test_simulated_run_keeps_a_ledger_that_audits(runs: dict[str, Any]) -> None:
     for site in ("site-0", "site-1"):
         assert audited[site].rounds_trained == [1, 2]
         assert audited[site].claimed == pytest.approx(summary["epsilon"][site], rel=1e-9)
+    # each round records the SecAgg+ shares the server chose: all 3 sites, a majority of 2;
+    # in round 2 the exhausted site-2 is no longer sampled, and 2 sites need both shares
+    shares = [r["secagg_shares"] for r in report.rounds]
+    assert shares == [{"sites": 3, "shares": 3, "threshold": 2, "tolerated_dropouts": 1,
+                       "asked_dropouts": 0},
+                      {"sites": 2, "shares": 2, "threshold": 2, "tolerated_dropouts": 0,
+                       "asked_dropouts": 0}]
+    assert any("3 sites, each site's keys shared among 3" in n for n in report.notes)
 
 
 def test_secagg_aggregate_equals_plain_weighted_average(runs: dict[str, Any]) -> None:

@@ -130,7 +130,7 @@ def test_seam_fails_loudly_when_flower_moves(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_masked_vectors_travel_as_uint32_and_sum_as_flower_would() -> None:
     """Client packs masked values (in [0, 2**32)) as uint32: half of Flower's int64 bytes;
-    the server seam widens them back, so Flower's modular sum is unchanged."""
+    the server sums them as uint32, wrapping modulo 2**32: Flower's modular sum."""
     from flwr.common import ndarray_to_bytes
     from flwr.common.secure_aggregation.ndarrays_arithmetic import (
         parameters_addition,
@@ -149,13 +149,89 @@ def test_masked_vectors_travel_as_uint32_and_sum_as_flower_would() -> None:
         packed = [client_seam._flwr_mod.ndarray_to_bytes(a) for a in vec]
         assert sum(map(len, packed)) < 0.55 * sum(len(ndarray_to_bytes(a)) for a in vec)
         decoded = [server_seam._flwr_workflow.bytes_to_ndarray(b) for b in packed]
-        assert all(d.dtype == np.int64 for d in decoded)
+        assert all(d.dtype == np.uint32 for d in decoded)
         total = decoded if total is None else parameters_addition(total, decoded)
     for got, want in zip(parameters_mod(total, 2**32), expected):
         np.testing.assert_array_equal(got, want)
     # anything that does not fit 32 bits keeps Flower's encoding
     wide = np.array([-1, 2**33], dtype=np.int64)
     assert client_seam.packed_encode(wide) == ndarray_to_bytes(wide)
+
+
+@pytest.mark.parametrize("clip", [0.05, 8.0])
+def test_quantiser_gives_flowers_numbers_from_flowers_draws(clip: float) -> None:
+    from flwr.common.secure_aggregation.quantization import quantize as stock
+
+    rng = np.random.default_rng(4)
+    arrays = [rng.uniform(-2 * clip, 2 * clip, size=(257, 31)).astype(np.float32),
+              np.array([clip, -clip, 0.0, clip / 3], np.float32),
+              rng.normal(0, clip, size=5000),  # float64 updates too
+              np.zeros((0, 3), np.float32), np.float32(clip / 7) * np.ones(())]
+    for target in (2**22, 2**16, 2**28):
+        np.random.seed(11)
+        want = stock(arrays, clip, target)
+        np.random.seed(11)
+        got = client_seam.quantize(arrays, clip, target)
+        for g, w in zip(got, want):
+            assert g.dtype == np.uint32 and g.shape == w.shape
+            np.testing.assert_array_equal(g.astype(np.int64), w)
+        after_ours = np.random.rand()
+        np.random.seed(11)
+        stock(arrays, clip, target)
+        assert np.random.rand() == after_ours  # the same number of draws
+
+
+def _stage2(seam: bool, params: list[np.ndarray], peers: int) -> list[bytes]:
+    """Flower's client stage 2 arithmetic (``_collect_masked_vectors``), step by step, with
+    Flower's own functions or with those the seam swaps in."""
+    from flwr.common.secure_aggregation import ndarrays_arithmetic as ar
+    from flwr.common.secure_aggregation.quantization import quantize as stock
+
+    from common.crypto import add_masks, subtract_masks
+
+    def wide(*args: object) -> list[np.ndarray]:  # Flower's int64 masks
+        return [m.astype(np.int64) for m in expand_masks(*args)]  # type: ignore[arg-type]
+
+    quantize, prg = (client_seam.quantize, expand_masks) if seam else (stock, wide)
+    add, sub = ((add_masks, subtract_masks) if seam
+                else (ar.parameters_addition, ar.parameters_subtraction))
+    mod = 2**32
+    q = ar.factor_combine(500, quantize(ar.parameters_multiply(params, 0.5), 0.05, 2**22))
+    dims = [a.shape for a in q]
+    q = add(q, prg(b"s" * 32, mod, dims))
+    for peer in range(peers):
+        mask = prg(bytes([peer]) * 32, mod, dims)
+        q = (add if peer % 2 else sub)(q, mask)
+    return [client_seam.packed_encode(a) for a in ar.parameters_mod(q, mod)]
+
+
+def test_masked_vector_is_flowers_with_int64_masks_and_stock_quantiser() -> None:
+    """uint32 masks and quantiser, added in place (32-bit wrapping arithmetic), against
+    Flower's int64 masks, int32 quantiser and new arrays: the same bytes leave the site."""
+    rng = np.random.default_rng(5)
+    params = [rng.uniform(-0.06, 0.06, 20_000).astype(np.float32),
+              rng.uniform(-0.06, 0.06, (7, 3)).astype(np.float32)]
+    assert expand_masks(b"k" * 32, MOD, [(3,)])[0].dtype == np.uint32
+    np.random.seed(2)
+    want = _stage2(False, params, peers=6)
+    np.random.seed(2)
+    assert _stage2(True, params, peers=6) == want
+
+
+def test_in_place_sums_leave_read_only_and_narrow_arrays_alone() -> None:
+    from common.crypto import add_masks, subtract_masks
+
+    frozen = np.frombuffer(np.arange(4, dtype=np.uint32).tobytes(), dtype=np.uint32)
+    narrow = np.arange(4, dtype=np.int32)
+    mask = np.full(4, 2**32 - 1, dtype=np.uint32)
+    summed = add_masks([frozen, narrow], [mask, mask])
+    assert summed[0] is not frozen and summed[1] is not narrow
+    np.testing.assert_array_equal(frozen, np.arange(4))  # untouched
+    np.testing.assert_array_equal(summed[0], (np.arange(4) - 1) % 2**32)  # wrapped
+    assert summed[1].dtype == np.int64  # Flower's promotion, not a 32-bit overflow
+    running = np.arange(4, dtype=np.uint32)
+    assert subtract_masks([running], [mask])[0] is running
+    np.testing.assert_array_equal(running, np.arange(1, 5))
 
 
 def test_every_byte_of_the_secret_keys_the_masks() -> None:
@@ -202,3 +278,62 @@ def test_quantiser_is_seeded_only_in_deterministic_simulations() -> None:
     assert client_seam.quantiser_seed(msg(seeded), deployed) is None  # never in deployment
     assert client_seam.quantiser_seed(msg({"deterministic": False}), ctx({})) is None
     assert client_seam.quantiser_seed(msg(None), ctx({})) is None  # other SecAgg+ stages
+
+
+@pytest.mark.parametrize("sites", [2, 3, 5, 8, 10, 13, 30, 100])
+@pytest.mark.parametrize("dropout", [0.0, 0.1, 0.2, 0.34])
+def test_chosen_shares_survive_the_asked_dropouts_anywhere_in_the_ring(
+        sites: int, dropout: float) -> None:
+    """Flower puts each site's share holders in a window of ``k`` around it on a shuffled
+    ring; a round completes if every window keeps ``t`` survivors. The choice must survive
+    ``floor(dropout * sites)`` dropouts wherever they fall, with a majority threshold."""
+    from itertools import combinations
+
+    from common.crypto import choose_shares
+
+    c = choose_shares(sites, dropout)
+    assert c.asked_dropouts == int(dropout * sites + 1e-9)
+    assert 2 * c.threshold > c.shares  # a majority: no server can rebuild both secrets
+    assert c.tolerated_dropouts >= c.asked_dropouts or c.shares == sites
+    assert c.shares == sites or c.shares % 2 == 1
+    half = c.shares // 2
+
+    def survives(dropped: set[int]) -> bool:
+        windows = [{(i + o) % sites for o in range(-half, half + 1)} for i in range(sites)]
+        return all(len(w - dropped) >= c.threshold for w in windows)
+
+    if sites <= 13:  # every placement of the tolerated dropouts
+        assert all(survives(set(d)) for d in combinations(range(sites), c.tolerated_dropouts))
+    else:
+        rng = np.random.default_rng(sites)
+        assert all(survives(set(rng.choice(sites, c.tolerated_dropouts, replace=False)))
+                   for _ in range(200))
+    if c.tolerated_dropouts < sites - 1:  # and the count is tight: one more in a window fails
+        assert not survives(set(range(c.tolerated_dropouts + 1)))
+    # fewer shares than sites whenever the dropouts allow: a round's cost grows with n * k
+    if 2 * c.asked_dropouts + 1 < sites and sites > 3:
+        assert c.shares < sites
+
+
+def test_explicit_shares_follow_flowers_rules() -> None:
+    from common.crypto import choose_shares
+
+    every = choose_shares(10, 0.2, num_shares=1.0, threshold=0.5)  # Flower's fractions
+    assert (every.shares, every.threshold, every.flower_num_shares) == (10, 5, 1.0)
+    assert every.flower_threshold == 0.5
+    fixed = choose_shares(30, 0.2, num_shares=7)
+    assert (fixed.shares, fixed.threshold, fixed.tolerated_dropouts) == (7, 4, 3)
+    assert fixed.tolerated_dropouts < fixed.asked_dropouts == 6
+    assert choose_shares(30, 0.2, num_shares=0.3).shares == 9  # round(9.0), odd already
+    with pytest.raises(ValueError, match="at least 2"):
+        choose_shares(1, 0.2)
+
+
+def test_a_round_of_one_site_is_left_to_flower_to_cancel() -> None:
+    """Flower cancels a SecAgg+ round with fewer than 2 sites; choosing shares for it must
+    not raise first (a deployed run with one site connected)."""
+    workflow = server_seam.HardenedSecAggPlusWorkflow(dropout=0.2)
+    workflow._sized(1)
+    assert (workflow.num_shares, workflow.reconstruction_threshold) == (1.0, 0.5)
+    workflow._sized(30)
+    assert (workflow.num_shares, workflow.reconstruction_threshold) == (13, 7)

@@ -489,3 +489,60 @@ def test_row_reads_give_the_pixels_of_patch_by_patch_reads(tmp_path: Path) -> No
     assert np.array_equal(laplacian_variance(slow),
                           np.array([ndimage.laplace(g).var() for g in grey], np.float32))
     assert laplacian_variance(slow[:0]).shape == (0,)
+
+
+@pytest.mark.slow  # prepares the slide twice
+def test_a_small_single_level_slide_is_decoded_once_with_the_same_pixels(
+        tmp_path: Path) -> None:
+    """The thumbnail, tissue grid, patches and the feature file of a slide decoded once
+    into memory equal those read through OpenSlide tile by tile; pyramids and slides over
+    the size limit are not held in memory."""
+    import h5py
+
+    from common.wsi.extract import PrepareOptions, prepare
+    from common.wsi.reader import decoded_once
+    from common.wsi.synthetic import write_pyramid_tiff
+    from tests.conftest import CMU_SLIDE
+
+    if not CMU_SLIDE.is_file():
+        write_pyramid_tiff(tmp_path / "one.tif", synthetic_tissue(900, 700, seed=5), mpp=0.5,
+                           min_level_size=10_000)  # one level
+    path = CMU_SLIDE if CMU_SLIDE.is_file() else tmp_path / "one.tif"
+    with open_slide(path) as reader:
+        assert reader.level_count == 1
+        memory = decoded_once(reader)
+        assert memory is not None and decoded_once(reader, max_pixels=1000) is None
+        assert (memory.mpp, memory.mpp_source, memory.path) == (
+            reader.mpp, reader.mpp_source, reader.path)
+        assert np.array_equal(memory.thumbnail(300), reader.thumbnail(300))
+        grid = tile_tissue(reader, mpp=reader.mpp, patch_size=64, overlap=16,
+                           tissue_threshold=0.0)
+        again = tile_tissue(memory, mpp=reader.mpp, patch_size=64, overlap=16,
+                            tissue_threshold=0.0)
+        assert np.array_equal(grid.coords, again.coords)
+        assert np.array_equal(memory.read_patches_at_mpp(grid.coords, 64, grid.mpp),
+                              reader.read_patches_at_mpp(grid.coords, 64, grid.mpp))
+        edge = memory.read_region((reader.dimensions[0] - 10, 0), 0, (40, 20))
+        assert np.array_equal(edge, reader.read_region((reader.dimensions[0] - 10, 0), 0,
+                                                       (40, 20)))  # white past the edge
+    write_pyramid_tiff(tmp_path / "pyr.tif", synthetic_tissue(600, 400, seed=2), mpp=0.5)
+    with open_slide(tmp_path / "pyr.tif") as pyramid:
+        assert pyramid.level_count > 1 and decoded_once(pyramid) is None
+    # end to end: prepare's feature file is the one it wrote reading tile by tile
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / path.name).symlink_to(path.resolve())
+    import common.wsi.reader as reader_module
+
+    files = {}
+    for limit in (reader_module.DECODE_ONCE_PIXELS, 0):
+        reader_module.DECODE_ONCE_PIXELS = limit
+        try:
+            out = tmp_path / f"out-{limit}"
+            prepare(tmp_path / "in", out, PrepareOptions(patch_size=64, mpp=0.5,
+                                                         progress=False))
+        finally:
+            reader_module.DECODE_ONCE_PIXELS = 64 * 2**20
+        (files[limit],) = out.glob("*.h5")
+    with h5py.File(files[0]) as slow, h5py.File(files[64 * 2**20]) as fast:
+        for key in ("coords", "features"):
+            assert np.array_equal(slow[key][()], fast[key][()]), key

@@ -70,11 +70,14 @@ def expand_masks(
     seed: bytes, num_range: int, dimensions_list: Sequence[tuple[int, ...]],
     round_number: int | None = None,
 ) -> list[np.ndarray]:
-    """Masks uniform over ``[0, num_range)`` (``int64``), one per shape in ``dimensions_list``.
+    """Masks uniform over ``[0, num_range)`` (``uint32``), one per shape in ``dimensions_list``.
 
-    Same signature and output types as Flower's ``pseudo_rand_gen`` (plus the round,
-    which defaults to :data:`mask_round`). ``num_range`` must be a power of two, at most
-    ``2**32`` (Flower's SecAgg+ already requires this of its modulus).
+    Same signature as Flower's ``pseudo_rand_gen`` (plus the round, which defaults to
+    :data:`mask_round`). Flower's are ``int64``; these are ``uint32``, which NumPy widens
+    where Flower adds them to ``int64`` arrays, and which wrap modulo ``2**32`` when added
+    to ``uint32`` ones: either way the masked values modulo ``num_range`` are Flower's.
+    ``num_range`` must be a power of two, at most ``2**32`` (Flower's SecAgg+ already
+    requires this of its modulus).
     """
     if num_range < 2 or num_range > 2**32 or num_range & (num_range - 1):
         raise ValueError(f"mask range must be a power of two in [2, 2**32], got {num_range}")
@@ -92,5 +95,29 @@ def expand_masks(
             encryptor.update_into(view, view)  # keystream XOR zeros, in place
         if num_range < 2**32:
             words &= np.uint32(num_range - 1)
-        out.append(words.astype(np.int64).reshape(shape))
+        out.append(words.reshape(shape))
     return out
+
+
+def add_masks(running: list[np.ndarray], masks: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``running + masks``, into ``running`` where it is ``uint32`` or ``int64``.
+
+    Flower's ``parameters_addition`` allocates a new array per mask; SecAgg+ adds one mask
+    per share holder to a running masked vector that nothing else holds, so the sum goes
+    into it. ``uint32`` wraps modulo ``2**32`` and ``int64`` cannot overflow here (values
+    below ``2**32``, at most a few thousand terms): either way the result modulo Flower's
+    power-of-two modulus is Flower's. Other types get Flower's new arrays.
+    """
+    return [np.add(a, m, out=a, casting="unsafe") if _wraps(a) else a + m
+            for a, m in zip(running, masks, strict=True)]
+
+
+def subtract_masks(running: list[np.ndarray], masks: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``running - masks``, into ``running`` as :func:`add_masks` does."""
+    return [np.subtract(a, m, out=a, casting="unsafe") if _wraps(a) else a - m
+            for a, m in zip(running, masks, strict=True)]
+
+
+def _wraps(array: np.ndarray) -> bool:
+    return isinstance(array, np.ndarray) and array.flags.writeable and array.ndim > 0 and (
+        array.dtype in (np.uint32, np.int64))

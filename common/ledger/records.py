@@ -217,6 +217,7 @@ def server_round_record(
     global_weights: Sequence[np.ndarray],
     secagg: bool,
     mask_generator: str | None = None,
+    secagg_shares: Mapping[str, int] | None = None,
     checkpoint: str | None = None,
     checkpoint_sha256: str | None = None,
 ) -> dict[str, Any]:
@@ -228,6 +229,9 @@ def server_round_record(
             rejected update's privacy spend is still in its site's own record).
         aggregate: the (unmasked) aggregate update, None when the round was rejected.
         global_weights: the global model after the round (unchanged if rejected).
+        secagg_shares: the round's SecAgg+ share settings
+            (:meth:`common.crypto.ShareChoice.record`: sites, shares, threshold,
+            tolerated and asked dropouts), None without SecAgg+ or before its setup.
         checkpoint: the checkpoint file of the round (relative to the run folder).
         checkpoint_sha256: SHA-256 of that file's bytes as written (sealed or not).
     """
@@ -240,6 +244,7 @@ def server_round_record(
         "global_model": hash_arrays(global_weights),
         "secure_aggregation": bool(secagg),
         "mask_generator": mask_generator if secagg else None,
+        "secagg_shares": dict(secagg_shares) if secagg and secagg_shares else None,
         "checkpoint": checkpoint,
         "checkpoint_sha256": checkpoint_sha256,
     }
@@ -327,6 +332,9 @@ def record_problem(record: Any) -> str | None:
     if record["kind"] == "server-round" and not all(
             isinstance(n, str) for n in record["participants"]):
         return "field 'participants' must list site names"
+    if record["kind"] == "server-round" and not isinstance(record.get("secagg_shares"),
+                                                            (dict, type(None))):
+        return "field 'secagg_shares' must be an object or null"
     if record["kind"] == "run-start" and not all(
             isinstance(v, str) for v in record["keys"].values()):
         return "field 'keys' must map names to PEM strings"

@@ -45,7 +45,7 @@ from common.wsi.manifest import (
     write_manifest,
 )
 from common.wsi.patches import PatchReader
-from common.wsi.reader import SLIDE_SUFFIXES, SlideReader, open_slide
+from common.wsi.reader import SLIDE_SUFFIXES, SlideReader, decoded_once, open_slide
 from common.wsi.tiling import ContextGrid, PatchGrid, context_grid, tile_tissue
 
 log = logging.getLogger(__name__)
@@ -110,19 +110,21 @@ def _write_features(
     settings: PrepareSettings, patch_reader: PatchReader, default_mpp: float | None,
     batch_size: int, on_batch: Callable[[int], None], slide_path: str,
     contexts: list[ContextGrid], stain: Callable[[np.ndarray], np.ndarray],
+    memory: SlideReader | None = None,
 ) -> None:
     from common.data.featurefile import writing
 
     with writing(out_path, grid.coords, grid.tissue_fraction, encoder.dim,
                  batch_size) as file:
         for patches, flags in patch_reader.batches(reader.path, default_mpp, grid.coords,
-                                                   grid.mpp, grid.patch_size, batch_size):
+                                                   grid.mpp, grid.patch_size, batch_size,
+                                                   memory):
             file.add(encoder(stain(patches)), flags)  # QC flags are of the raw pixels
             on_batch(len(patches))
         for context in contexts:
             features = [encoder(stain(patches)) for patches, _ in patch_reader.batches(
                 reader.path, default_mpp, context.coords, context.mpp, grid.patch_size,
-                batch_size)]
+                batch_size, memory)]
             on_batch(len(context))
             file.add_scale(context.mpp, context.coords, context.tissue_fraction,
                            np.concatenate(features), context.parent, context.children,
@@ -150,7 +152,9 @@ def _process_slide(
     name: str = "", stain: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> int:
     with open_slide(path, default_mpp=default_mpp) as reader:
-        grid = tile_tissue(reader, settings.mpp, settings.patch_size, overlap=settings.overlap,
+        memory = decoded_once(reader)  # a small single-level slide: decode it only once
+        source = memory or reader
+        grid = tile_tissue(source, settings.mpp, settings.patch_size, overlap=settings.overlap,
                            tissue_threshold=settings.tissue_threshold,
                            thumbnail_size=thumbnail_size)
         if len(grid) == 0:
@@ -162,12 +166,12 @@ def _process_slide(
                                 "smaller --patch-size (or a finer --mpp)")
             raise DataError(f"{path}: no patch has {100 * settings.tissue_threshold:.0f} % "
                             "tissue (blank slide? try a lower --tissue-threshold)")
-        contexts = [context_grid(reader, grid, mpp, settings.overlap)
+        contexts = [context_grid(source, grid, mpp, settings.overlap)
                     for mpp in settings.context_mpp]
         on_grid(len(grid) + sum(len(c) for c in contexts))
         _write_features(out_path, reader, grid, encoder, settings, patch_reader, default_mpp,
                         batch_size, on_batch, name or path.name, contexts,
-                        stain or (lambda patches: patches))
+                        stain or (lambda patches: patches), memory)
         return len(grid)
 
 

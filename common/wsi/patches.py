@@ -58,9 +58,16 @@ class PatchReader:
         self._pool: ProcessPoolExecutor | None = None
 
     def batches(self, path: Path, default_mpp: float | None, coords: np.ndarray, mpp: float,
-                patch_size: int, batch_size: int
+                patch_size: int, batch_size: int, memory: SlideReader | None = None
                 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Batches of ``coords``' patches and their QC flags, in order. ``memory``: the
+        slide already decoded (:func:`common.wsi.reader.decoded_once`), cut here."""
         chunks = [coords[i:i + batch_size] for i in range(0, len(coords), batch_size)]
+        if memory is not None:
+            for chunk in chunks:
+                patches = memory.read_patches_at_mpp(chunk, patch_size, mpp)
+                yield patches, quality_flags(patches)
+            return
         if self.workers <= 1:
             try:
                 for chunk in chunks:

@@ -351,6 +351,31 @@ class ArrayReader(SlideReader):
         self._levels = []
 
 
+DECODE_ONCE_PIXELS = 64 * 2**20
+"""Largest single-level slide (pixels) that :func:`decoded_once` holds in memory."""
+
+
+def decoded_once(reader: SlideReader, max_pixels: int | None = None) -> ArrayReader | None:
+    """The whole slide in memory, when it has a single level of at most ``max_pixels``
+    (:data:`DECODE_ONCE_PIXELS` by default).
+
+    Such a slide has no smaller level to take a thumbnail from: tissue detection decodes
+    all of it, and reading its patches decodes most of it again. Decoded once here, the
+    thumbnail and the patches are cut from the same pixels (``read_region`` of a level
+    gives the pixels of any region read within it). None for pyramids, larger slides and
+    slides already in memory. The copy keeps the slide's path, mpp and mpp source.
+    """
+    if isinstance(reader, ArrayReader) or reader.level_count != 1:
+        return None
+    width, height = reader.dimensions
+    if width * height > (DECODE_ONCE_PIXELS if max_pixels is None else max_pixels):
+        return None
+    memory = ArrayReader(reader.read_region((0, 0), 0, (width, height)), mpp=reader.mpp,
+                         name=str(reader.path))
+    memory.mpp_source = reader.mpp_source
+    return memory
+
+
 class ImageReader(ArrayReader):
     """A plain image file (png, jpg, striped TIFF) as a one-level slide, decoded into memory."""
 
