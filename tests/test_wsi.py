@@ -6,6 +6,7 @@ import csv
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -546,3 +547,41 @@ def test_a_small_single_level_slide_is_decoded_once_with_the_same_pixels(
     with h5py.File(files[0]) as slow, h5py.File(files[64 * 2**20]) as fast:
         for key in ("coords", "features"):
             assert np.array_equal(slow[key][()], fast[key][()]), key
+
+
+def test_patches_read_ahead_by_a_thread_come_in_order_and_errors_at_their_batch(
+        tmp_path: Path) -> None:
+    """With one worker, a thread reads the next batch while the caller encodes: the
+    batches and flags are those read one after another, and a read that fails raises in
+    the caller at that batch, after the batches before it."""
+    from common.wsi.patches import PatchReader, read_patches
+    from common.wsi.reader import ArrayReader
+    from common.wsi.synthetic import write_pyramid_tiff
+
+    path = write_pyramid_tiff(tmp_path / "s.tif", synthetic_tissue(900, 600, seed=4), mpp=0.5)
+    with open_slide(path) as reader:
+        grid = tile_tissue(reader, mpp=0.5, patch_size=32, tissue_threshold=0.0)
+    assert len(grid) > 100
+    got = list(PatchReader(1).batches(path, None, grid.coords, 0.5, 32, 16))
+    want = [read_patches(str(path), None, grid.coords[i:i + 16], 0.5, 32)
+            for i in range(0, len(grid), 16)]
+    assert len(got) == len(want)
+    for (gp, gf), (wp, wf) in zip(got, want):
+        assert np.array_equal(gp, wp) and all(np.array_equal(gf[k], wf[k]) for k in wf)
+
+    class Failing(ArrayReader):
+        calls = 0
+
+        def read_patches_at_mpp(self, *args: Any, **kwargs: Any) -> np.ndarray:
+            Failing.calls += 1
+            if Failing.calls == 3:
+                raise SlideReadError("s.tif: cannot decode the region (corrupt)")
+            return super().read_patches_at_mpp(*args, **kwargs)
+
+    memory = Failing(synthetic_tissue(900, 600, seed=4), mpp=0.5, name="s.tif")
+    seen = []
+    with pytest.raises(SlideReadError, match="corrupt"):
+        for patches, _ in PatchReader(1).batches(path, None, grid.coords, 0.5, 32, 16,
+                                                 memory):
+            seen.append(len(patches))
+    assert seen == [16, 16]

@@ -1,14 +1,17 @@
 """Reading a slide's patches in batches, in this process or in worker processes.
 
-Each worker holds its own slide handle (one open slide per process); batches come back
-in order and at most ``2 * workers`` are in flight, which bounds memory.
+In this process, a reading thread reads and checks the next batch while the caller
+encodes the current one (OpenSlide, PIL and NumPy release the GIL while they decode and
+compute); at most two batches wait, which bounds memory. Each worker process holds its
+own slide handle (one open slide per process); batches come back in order and at most
+``2 * workers`` are in flight.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -64,14 +67,16 @@ class PatchReader:
         slide already decoded (:func:`common.wsi.reader.decoded_once`), cut here."""
         chunks = [coords[i:i + batch_size] for i in range(0, len(coords), batch_size)]
         if memory is not None:
-            for chunk in chunks:
+            def cut(chunk: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
                 patches = memory.read_patches_at_mpp(chunk, patch_size, mpp)
-                yield patches, quality_flags(patches)
+                return patches, quality_flags(patches)
+
+            yield from _prefetched(cut, chunks)
             return
         if self.workers <= 1:
             try:
-                for chunk in chunks:
-                    yield read_patches(str(path), default_mpp, chunk, mpp, patch_size)
+                yield from _prefetched(lambda chunk: read_patches(
+                    str(path), default_mpp, chunk, mpp, patch_size), chunks)
             finally:
                 _close_reader()
             return
@@ -102,6 +107,29 @@ class PatchReader:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def _prefetched(read: Callable[[np.ndarray], tuple[np.ndarray, dict[str, np.ndarray]]],
+                chunks: list[np.ndarray]
+                ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """``read(chunk)`` of each chunk in order, the next one read by one thread while the
+    caller works on the current one. A read's error reaches the caller at its batch."""
+    if len(chunks) <= 1:
+        yield from (read(chunk) for chunk in chunks)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="pathfed-read") as pool:
+        pending: deque[Future[tuple[np.ndarray, dict[str, np.ndarray]]]] = deque()
+        todo = iter(chunks)
+        try:
+            for chunk in todo:
+                pending.append(pool.submit(read, chunk))
+                if len(pending) >= 2:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for fut in pending:
+                fut.cancel()
 
 
 __all__ = ["PatchReader", "read_patches"]
