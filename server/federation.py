@@ -93,8 +93,9 @@ def run_federation(grid: Grid, context: Context, cfg: FederationConfig) -> dict[
         done, path = latest
         saved = load_checkpoint(path, key, cfg.run_id)
         weights = [saved[name] for name in names]
-        history = [r for r in read_metrics(run.path)
-                   if r["site"] == "global" and r["round"] <= done]
+        # a run killed between its first checkpoint and its first evaluation has none
+        recorded = read_metrics(run.path) if (run.path / "metrics.jsonl").is_file() else []
+        history = [r for r in recorded if r["site"] == "global" and r["round"] <= done]
         log.info("resuming %s after round %d (checkpoint %s)", run.path, done, path.name)
     if not done:  # a resumed run keeps the configuration its ledger was started with
         run.write_json("config.json", cfg.to_run_config())
