@@ -17,16 +17,29 @@ MIN_SATURATION = 20
 
 def rgb_to_hsv(image: np.ndarray) -> np.ndarray:
     """HSV of a ``uint8[..., 3]`` RGB image, as float32 in [0, 1] (hue in turns)."""
-    rgb = image.astype(np.float32) / 255.0
-    v = rgb.max(axis=-1)
-    c = v - rgb.min(axis=-1)
+    r, g, b = (image[..., i].astype(np.float32) / 255.0 for i in range(3))
+    v = np.maximum(np.maximum(r, g), b)  # as rgb.max(axis=-1), without a size-3 reduction
+    c = v - np.minimum(np.minimum(r, g), b)
     s = np.where(v > 0, c / np.maximum(v, 1e-12), 0.0)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     safe_c = np.maximum(c, 1e-12)
     h = np.where(v == r, ((g - b) / safe_c) % 6.0,
                  np.where(v == g, (b - r) / safe_c + 2.0, (r - g) / safe_c + 4.0))
     h = np.where(c > 0, h / 6.0, 0.0)
     return np.stack([h, s, v], axis=-1).astype(np.float32)
+
+
+def saturation(image: np.ndarray) -> np.ndarray:
+    """HSV saturation of a ``uint8[..., 3]`` RGB image, float32 in [0, 1]: the channel of
+    :func:`rgb_to_hsv` by the same float32 operations (bitwise equal), without its hue."""
+    r, g, b = image[..., 0], image[..., 1], image[..., 2]
+    # x / 255 is monotonic in float32, so the max (min) of the scaled channels is the
+    # scaled max (min) of the uint8 channels: the same floats, from one channel each
+    v = np.maximum(np.maximum(r, g), b).astype(np.float32)
+    v /= 255.0
+    low = np.minimum(np.minimum(r, g), b).astype(np.float32)
+    low /= 255.0
+    c = v - low
+    return np.where(v > 0, c / np.maximum(v, 1e-12), 0.0).astype(np.float32)
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -88,7 +101,7 @@ def tissue_mask(
     """
     if thumbnail.ndim != 3 or thumbnail.shape[2] < 3:
         raise ValueError(f"expected an RGB image [h, w, 3], got shape {thumbnail.shape}")
-    sat = rgb_to_hsv(thumbnail[..., :3])[..., 1] * 255.0
+    sat = saturation(thumbnail[..., :3]) * 255.0
     threshold = max(otsu_threshold(sat), float(min_saturation))
     mask = sat > threshold
     if close_radius > 0:
