@@ -182,6 +182,36 @@ def train_inprocess(cfg: FederationConfig, files: list[Path]) -> tuple[list[np.n
     return result.weights, dict(result.epsilon)
 
 
+PARALLEL_FROM = 20
+"""Rows of at least this many trainings run them in one process per core (starting the
+processes costs a few seconds: not worth it for a handful of folds)."""
+
+
+def _train_all(jobs: list[tuple[FederationConfig, list[Path]]]
+               ) -> Any:
+    """:func:`train_inprocess` of each job, in order: in this process for a few, else in
+    one spawned process per core, each with one torch thread (the folds are independent
+    and every training is seeded by its configuration, so the results are the same)."""
+    import os
+
+    workers = min(os.cpu_count() or 1, len(jobs))
+    if len(jobs) < PARALLEL_FROM or workers < 2:
+        yield from (train_inprocess(cfg, files) for cfg, files in jobs)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_one_thread) as pool:
+        yield from pool.map(train_inprocess, *zip(*jobs))
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def train_flower(cfg: FederationConfig, folder: Path, run: Path) -> tuple[list[np.ndarray],
                                                                           dict[str, float]]:
     """The federation through Flower's simulation engine; the last global checkpoint.
@@ -232,30 +262,32 @@ def run_row(row: str, data: Path, out: Path, cfg: FederationConfig, folds: int, 
     name = f"{row}-eps{cfg.epsilon:g}" if dp else row
     results: list[dict[str, Any]] = []
     start = time.perf_counter()
+    jobs: list[tuple[int, int | None, FederationConfig, list[Path]]] = []
+    for k, test in enumerate(tests):
+        folder = out / "folds" / f"repeat{k // folds}-fold{k % folds}"
+        write_fold(emb, test, folder)
+        fold_cfg = cfg.model_copy(update={"data": str(folder)})
+        if row == "hospitals":
+            jobs += [(k, h, fold_cfg, [folder / f"site-{h}.npz"]) for h in range(HOSPITALS)
+                     if (emb.hospital[~test] == h).any()]  # else nothing to train on
+        elif row == "central":
+            jobs.append((k, None, fold_cfg, [folder / "central.npz"]))
+        else:
+            jobs.append((k, None, fold_cfg, [folder / f"site-{h}.npz" for h in range(HOSPITALS)]))
     with Progress(transient=True) as bar:
-        task = bar.add_task(name, total=len(tests))
-        for k, test in enumerate(tests):
-            folder = out / "folds" / f"repeat{k // folds}-fold{k % folds}"
-            write_fold(emb, test, folder)
-            fold_cfg = cfg.model_copy(update={"data": str(folder)})
-            where = {"repeat": k // folds, "fold": k % folds, "n_test": int(test.sum())}
-            if row == "hospitals":
-                for h in range(HOSPITALS):
-                    if not (emb.hospital[~test] == h).any():
-                        continue  # nothing to train on: the hospital has no result this fold
-                    weights, eps = train_inprocess(fold_cfg, [folder / f"site-{h}.npz"])
-                    results.append({**where, "hospital": h,
-                                    **test_metrics(fold_cfg, weights, emb, test)})
-            else:
-                if row == "central":
-                    weights, eps = train_inprocess(fold_cfg, [folder / "central.npz"])
-                elif row == "dp-secagg":
-                    weights, eps = train_flower(fold_cfg, folder, out / "runs" / name / folder.name)
-                else:
-                    weights, eps = train_inprocess(
-                        fold_cfg, [folder / f"site-{h}.npz" for h in range(HOSPITALS)])
-                results.append({**where, **test_metrics(fold_cfg, weights, emb, test),
-                                "epsilon": eps if dp else None})
+        task = bar.add_task(name, total=len(jobs))
+        if row == "dp-secagg":  # Flower's simulation engine uses every core itself
+            trained: Any = (train_flower(c, Path(c.data), out / "runs" / name / Path(c.data).name)
+                            for _, _, c, _ in jobs)
+        else:
+            trained = _train_all([(c, f) for _, _, c, f in jobs])
+        for (k, h, fold_cfg, _), (weights, eps) in zip(jobs, trained):
+            test = tests[k]
+            where = {"repeat": k // folds, "fold": k % folds, "n_test": int(test.sum()),
+                     **({"hospital": h} if h is not None else {})}
+            metrics = test_metrics(fold_cfg, weights, emb, test)
+            results.append({**where, **metrics, **({} if row == "hospitals" else
+                                                   {"epsilon": eps if dp else None})})
             bar.advance(task)
     summary = {"row": row, "name": name, "dp": dp, "secagg": cfg.secagg,
                "epsilon": cfg.epsilon if dp else None, "delta": cfg.delta if dp else None,
