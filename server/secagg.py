@@ -98,8 +98,6 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
                                threshold=reconstruction_threshold)
         # Flower checks these before each round; setup_stage replaces them per round
         super().__init__(num_shares=1.0, reconstruction_threshold=0.5, **kwargs)
-        self.choice: ShareChoice | None = None
-        """The last round's share settings, as Flower ran them."""
         if not use_stock_masks():
             log.info("SecAgg+ masks: %s", MASK_GENERATOR)
 
@@ -123,21 +121,19 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
         if state.num_shares:  # Flower got as far as choosing them
             sites = len(state.sampled_node_ids)
             asked = self._choose(sites).asked_dropouts
-            self.choice = ShareChoice(sites=sites, shares=min(state.num_shares, sites),
-                                      threshold=state.threshold, asked_dropouts=asked)
+            ran = ShareChoice(sites=sites, shares=min(state.num_shares, sites),
+                              threshold=state.threshold, asked_dropouts=asked)  # as Flower ran
             log.info("SecAgg+: %d sites, each site's keys shared among %d (itself "
-                     "included), %d rebuild one: any %d may drop out", sites,
-                     self.choice.shares, self.choice.threshold,
-                     self.choice.tolerated_dropouts)
-            if self.choice.tolerated_dropouts < asked:
+                     "included), %d rebuild one: any %d may drop out", sites, ran.shares,
+                     ran.threshold, ran.tolerated_dropouts)
+            if ran.tolerated_dropouts < asked:
                 log.warning("SecAgg+: secagg-dropout asks that %d of %d sites may drop; "
-                            "these shares tolerate %d", asked, sites,
-                            self.choice.tolerated_dropouts)
+                            "these shares tolerate %d", asked, sites, ran.tolerated_dropouts)
             book = getattr(strategy, "book", None)
             if book is not None:
                 cfg = context.state.config_records[MAIN_CONFIGS_RECORD]
                 book.secagg_shares[int(cast(int, cfg[WorkflowKey.CURRENT_ROUND]))] = (
-                    self.choice.record())
+                    ran.record())
 
         for failure in state.failures:
             log.warning("site left secure aggregation at setup: %s", failure_reason(failure))

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,7 +189,7 @@ processes costs a few seconds: not worth it for a handful of folds)."""
 
 
 def _train_all(jobs: list[tuple[FederationConfig, list[Path]]]
-               ) -> Any:
+               ) -> Iterator[tuple[list[np.ndarray], dict[str, float]]]:
     """:func:`train_inprocess` of each job, in order: in this process for a few, else in
     one spawned process per core, each with one torch thread (the folds are independent
     and every training is seeded by its configuration, so the results are the same)."""
@@ -276,8 +277,9 @@ def run_row(row: str, data: Path, out: Path, cfg: FederationConfig, folds: int, 
             jobs.append((k, None, fold_cfg, [folder / f"site-{h}.npz" for h in range(HOSPITALS)]))
     with Progress(transient=True) as bar:
         task = bar.add_task(name, total=len(jobs))
+        trained: Iterator[tuple[list[np.ndarray], dict[str, float]]]
         if row == "dp-secagg":  # Flower's simulation engine uses every core itself
-            trained: Any = (train_flower(c, Path(c.data), out / "runs" / name / Path(c.data).name)
+            trained = (train_flower(c, Path(c.data), out / "runs" / name / Path(c.data).name)
                             for _, _, c, _ in jobs)
         else:
             trained = _train_all([(c, f) for _, _, c, f in jobs])

@@ -301,3 +301,27 @@ def test_attack_under_dp_stays_below_the_claim(good_run: Path, tmp_path: Path) -
     for result in attack["results"]:
         assert result["epsilon_lower_bound"] <= attack["claimed_epsilon"]
     assert "membership-inference" in (tmp_path / "a.html").read_text()
+
+
+def test_secagg_shares_are_listed_and_a_minority_threshold_warned_of() -> None:
+    from types import SimpleNamespace
+
+    from common.audit import _check_shares
+
+    def rnd(r: int, shares: object) -> dict[str, object]:
+        return {"round": r, "secagg_shares": shares}
+
+    report = SimpleNamespace(notes=[], warnings=[], problems=[])
+    good = {"sites": 30, "shares": 13, "threshold": 7, "tolerated_dropouts": 6,
+            "asked_dropouts": 6}
+    weak = {**good, "shares": 5, "threshold": 2, "tolerated_dropouts": 3}
+    _check_shares([rnd(1, good), rnd(2, good), rnd(3, weak), rnd(4, None),
+                   rnd(5, {"sites": 3})], report)  # type: ignore[arg-type]
+    assert report.notes == [
+        "SecAgg+ in round(s) 1-2: 30 sites, each site's keys shared among 13 (itself "
+        "included), 7 rebuild one; any 6 could drop out",
+        "SecAgg+ in round(s) 3: 30 sites, each site's keys shared among 5 (itself "
+        "included), 2 rebuild one; any 3 could drop out"]
+    assert len(report.warnings) == 1 and "round 3" in report.warnings[0]
+    assert "no majority" in report.warnings[0]
+    assert report.problems == ["round 5: malformed secagg_shares {'sites': 3}"]

@@ -40,15 +40,15 @@ class ShareChoice:
     asked_dropouts: int
     """Dropouts the round was asked to survive (``floor(secagg-dropout * sites)``)."""
 
-    @property
-    def tolerated_dropouts(self) -> int:
-        """Sites that may drop after setup, wherever they are, with the round aggregated."""
-        return max(0, min(self.shares, self.sites) - self.threshold)
-
     flower_num_shares: int | float = 1.0
     """``num_shares`` as Flower's workflow takes it: an int > 2, or a fraction."""
     flower_threshold: int | float = 0.5
     """``reconstruction_threshold`` as Flower's workflow takes it: an int, or a fraction."""
+
+    @property
+    def tolerated_dropouts(self) -> int:
+        """Sites that may drop after setup, wherever they are, with the round aggregated."""
+        return max(0, min(self.shares, self.sites) - self.threshold)
 
     def record(self) -> dict[str, Any]:
         """The ledger's view of the choice."""
