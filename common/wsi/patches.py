@@ -44,7 +44,11 @@ def _close_reader() -> None:
 def read_patches(path: str, default_mpp: float | None, coords: np.ndarray, mpp: float,
                  patch_size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Patches ``uint8[n, P, P, 3]`` at ``coords`` and their quality flags."""
-    reader = _reader_for(path, default_mpp)
+    return _cut(_reader_for(path, default_mpp), coords, mpp, patch_size)
+
+
+def _cut(reader: SlideReader, coords: np.ndarray, mpp: float, patch_size: int
+         ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     patches = reader.read_patches_at_mpp(coords, patch_size, mpp)
     return patches, quality_flags(patches)
 
@@ -67,11 +71,7 @@ class PatchReader:
         slide already decoded (:func:`common.wsi.reader.decoded_once`), cut here."""
         chunks = [coords[i:i + batch_size] for i in range(0, len(coords), batch_size)]
         if memory is not None:
-            def cut(chunk: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-                patches = memory.read_patches_at_mpp(chunk, patch_size, mpp)
-                return patches, quality_flags(patches)
-
-            yield from _prefetched(cut, chunks)
+            yield from _prefetched(lambda chunk: _cut(memory, chunk, mpp, patch_size), chunks)
             return
         if self.workers <= 1:
             try:
@@ -86,22 +86,14 @@ class PatchReader:
             # spawn: no inherited OpenSlide handles or torch threads in the workers
             self._pool = ProcessPoolExecutor(self.workers,
                                              mp_context=multiprocessing.get_context("spawn"))
-        pending: deque[Future[tuple[np.ndarray, dict[str, np.ndarray]]]] = deque()
-        todo = iter(chunks)
+        pool = self._pool
         try:
-            for chunk in todo:
-                pending.append(self._pool.submit(read_patches, str(path), default_mpp, chunk,
-                                                 mpp, patch_size))
-                if len(pending) >= 2 * self.workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+            yield from _in_order(lambda chunk: pool.submit(
+                read_patches, str(path), default_mpp, chunk, mpp, patch_size),
+                chunks, 2 * self.workers)
         except BrokenProcessPool:
             self.close()  # a reader process died (e.g. a decoder crash): start afresh
             raise DataError(f"{path}: a patch-reading process crashed on this slide") from None
-        finally:
-            for fut in pending:
-                fut.cancel()
 
     def close(self) -> None:
         if self._pool is not None:
@@ -118,18 +110,26 @@ def _prefetched(read: Callable[[np.ndarray], tuple[np.ndarray, dict[str, np.ndar
         yield from (read(chunk) for chunk in chunks)
         return
     with ThreadPoolExecutor(1, thread_name_prefix="pathfed-read") as pool:
-        pending: deque[Future[tuple[np.ndarray, dict[str, np.ndarray]]]] = deque()
-        todo = iter(chunks)
-        try:
-            for chunk in todo:
-                pending.append(pool.submit(read, chunk))
-                if len(pending) >= 2:
-                    yield pending.popleft().result()
-            while pending:
+        yield from _in_order(lambda chunk: pool.submit(read, chunk), chunks, 2)
+
+
+def _in_order(submit: Callable[[np.ndarray], Future[tuple[np.ndarray, dict[str, np.ndarray]]]],
+              chunks: list[np.ndarray], depth: int
+              ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """The results of ``submit(chunk)`` for each chunk, in order, with at most ``depth``
+    submitted and not yet handed out (which bounds memory); the rest are cancelled when
+    the caller stops early or a result raises."""
+    pending: deque[Future[tuple[np.ndarray, dict[str, np.ndarray]]]] = deque()
+    try:
+        for chunk in chunks:
+            pending.append(submit(chunk))
+            if len(pending) >= depth:
                 yield pending.popleft().result()
-        finally:
-            for fut in pending:
-                fut.cancel()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for fut in pending:
+            fut.cancel()
 
 
 __all__ = ["PatchReader", "read_patches"]
