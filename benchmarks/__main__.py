@@ -13,6 +13,7 @@ BENCHMARKS = {
     "tiling": "benchmarks.tiling",
     "extract": "benchmarks.extract",
     "encoders": "benchmarks.encoders",
+    "deploy": "benchmarks.deploy",
 }
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
-from common.deployment import INSECURE_WARNING, console_script, flower_env, free_port
+from common.deployment import INSECURE_WARNING, flower_env, free_port
 from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ def supernode_command(folder: Path, name: str, data: str, state_dir: Path,
                    f'deterministic-noise={"true" if seeded_noise else "false"}')
     if (folder / "ledger.key").is_file():
         node_config += f' ledger-key="{(folder / "ledger.key").resolve()}"'
-    cmd = [console_script("flower-supernode"), "--superlink", address,
+    # Flower's flower-supernode, with its idle poll shortened (client/supernode.py)
+    cmd = [sys.executable, "-m", "client.supernode", "--superlink", address,
            "--node-config", node_config, "--port", str(free_port()), "--max-wait-time", "3600"]
     if insecure:
         return [*cmd, "--insecure"]

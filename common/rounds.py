@@ -300,6 +300,8 @@ class RoundBook:
             "epsilon": dict(sorted(self.epsilon.items())),
             # the pooled score histograms (already the server's): ROC and calibration plots
             "val_hist_pos": total.hist_pos, "val_hist_neg": total.hist_neg,
+            # seconds since this server process started the run: the rounds' pace
+            "elapsed_s": round(time.perf_counter() - self.started, 3),
         }
         if self.run is not None:
             self.run.append_metrics(records + [summary])

@@ -24,7 +24,7 @@ from common.data.multiscale import Layout
 from common.errors import ConfigError, PathFedError, PrivacyBudgetExhausted
 from common.metrics import EvalCounts
 from common.models import build_model
-from common.privacy import DPPlan, SiteAccountant, plan_site
+from common.privacy import DPPlan, SiteAccountant, plan_site, restore_plan
 from common.training import NDArrays, evaluate, local_train, set_weights
 
 log = logging.getLogger(__name__)
@@ -210,14 +210,17 @@ class Site:
             self.accountant.prior = store.prior_history(self.run)
         self.ledger_prev: str | None = (state or {}).get("ledger_prev")
         self.plan: DPPlan | None = None
+        self._plan_inputs: dict[str, Any] = {}
         if cfg.dp:
-            self.plan = plan_site(
-                len(self.train_set), batch_size=cfg.batch_size,
-                local_epochs=cfg.local_epochs, rounds=cfg.rounds,
+            self._plan_inputs = dict(
+                batch_size=cfg.batch_size, local_epochs=cfg.local_epochs, rounds=cfg.rounds,
                 epsilon=cfg.site_budget(self.name), delta=cfg.delta,
                 max_grad_norm=cfg.max_grad_norm, max_noise_multiplier=cfg.max_noise_multiplier,
-                accountant=cfg.accountant,
-            )
+                accountant=cfg.accountant)
+            # a fresh process per message in deployment: reuse this run's checked plan
+            self.plan = (restore_plan((state or {}).get("plan"), len(self.train_set),
+                                      **self._plan_inputs)
+                         or plan_site(len(self.train_set), **self._plan_inputs))
 
     def _check_data(self, source: str | None) -> None:
         """A site needs slides of both classes, two at least, with finite features."""
@@ -296,7 +299,12 @@ class Site:
 
     def state(self) -> dict[str, Any]:
         """Site state to keep between rounds (the accountant's full history)."""
-        return {"accountant": self.accountant.to_json(), "ledger_prev": self.ledger_prev}
+        state: dict[str, Any] = {"accountant": self.accountant.to_json(),
+                                 "ledger_prev": self.ledger_prev}
+        if self.plan is not None:
+            state["plan"] = {"inputs": {"n_train": len(self.train_set), **self._plan_inputs},
+                             "plan": self.plan.to_dict()}
+        return state
 
     @property
     def privacy_unit(self) -> str:

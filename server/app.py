@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import FederationConfig
 from server.federation import run_federation
+from server.grid import prompt
 
 LOG_LEVEL_ENV = "PATHFED_LOG_LEVEL"
 """``DEBUG`` in the server's environment also streams Flower's debug lines (each SecAgg+
@@ -51,7 +52,7 @@ def make_server_app(cfg: FederationConfig | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         _show_pathfed_log()
         config = cfg or FederationConfig.from_mapping(context.run_config, "run config")
-        run_federation(grid, context, config)
+        run_federation(prompt(grid), context, config)
 
     return server_app
 

@@ -8,7 +8,13 @@ from opacus.accountants import RDPAccountant
 
 from common.config import FederationConfig
 from common.errors import ConfigError, PrivacyBudgetExhausted
-from common.privacy import RDP_ALPHAS, SiteAccountant, independent_epsilon, plan_site
+from common.privacy import (
+    RDP_ALPHAS,
+    SiteAccountant,
+    independent_epsilon,
+    plan_site,
+    restore_plan,
+)
 from common.site import Site
 from common.training import local_train
 
@@ -22,6 +28,52 @@ def test_plan_matches_opacus_loader_and_meets_budget() -> None:
     assert plan.steps_per_round == 14
     eps = independent_epsilon([(plan.noise_multiplier, plan.sample_rate, 4 * 14)], 1e-5)
     assert 2.9 < eps <= 3.0
+
+
+PLAN_INPUTS = {**PLAN, "accountant": "rdp"}
+
+
+def test_saved_plan_is_reused_only_for_its_inputs_and_when_it_keeps_the_budget() -> None:
+    plan = plan_site(100, **PLAN_INPUTS)
+    saved = {"inputs": {"n_train": 100, **PLAN_INPUTS}, "plan": plan.to_dict()}
+    assert restore_plan(saved, 100, **PLAN_INPUTS) == plan
+    # another site size, budget or number of rounds: calibrate anew
+    assert restore_plan(saved, 101, **PLAN_INPUTS) is None
+    for key, value in (("epsilon", 4.0), ("rounds", 5), ("accountant", "prv")):
+        assert restore_plan(saved, 100, **{**PLAN_INPUTS, key: value}) is None
+    # a saved noise that would overspend (edited state, other accountant code): refused
+    weak = {**saved, "plan": {**plan.to_dict(), "noise_multiplier": plan.noise_multiplier * 0.9}}
+    assert restore_plan(weak, 100, **PLAN_INPUTS) is None
+    # a sampling rate or step count the loader would not give: refused
+    odd = {**saved, "plan": {**plan.to_dict(), "steps_per_round": 13}}
+    assert restore_plan(odd, 100, **PLAN_INPUTS) is None
+    # more noise than the budget needs spends less: a valid plan, kept
+    strong = {**saved, "plan": {**plan.to_dict(), "noise_multiplier": plan.noise_multiplier * 2}}
+    assert restore_plan(strong, 100, **PLAN_INPUTS).noise_multiplier == pytest.approx(
+        2 * plan.noise_multiplier)
+    # the calibration's own fallback (the max-noise-multiplier cap) is kept as it is
+    capped_inputs = {**PLAN_INPUTS, "epsilon": 0.05, "max_noise_multiplier": 2.0}
+    capped = plan_site(100, **capped_inputs)
+    assert capped.noise_multiplier == 2.0
+    assert restore_plan({"inputs": {"n_train": 100, **capped_inputs}, "plan": capped.to_dict()},
+                        100, **capped_inputs) == capped
+    for broken in (None, "plan", {"inputs": saved["inputs"]},
+                   {"inputs": saved["inputs"], "plan": {"noise_multiplier": 1.0}}):
+        assert restore_plan(broken, 100, **PLAN_INPUTS) is None
+
+
+def test_a_new_site_process_reuses_the_runs_plan_without_calibrating() -> None:
+    cfg = FederationConfig(synthetic_bags=60, rounds=3, batch_size=8, epsilon=5.0)
+    first = Site(cfg, 0)
+    state = first.state()
+    assert state["plan"]["plan"] == first.plan.to_dict()  # type: ignore[union-attr]
+    plan_site.cache_clear()  # as in a fresh ClientApp process
+    again = Site(cfg, 0, state=state)
+    assert again.plan == first.plan and plan_site.cache_info().misses == 0
+    # a run with another budget calibrates its own
+    other = Site(cfg.model_copy(update={"epsilon": 2.0}), 0, state=state)
+    assert plan_site.cache_info().misses == 1
+    assert other.plan.noise_multiplier > first.plan.noise_multiplier  # type: ignore[union-attr]
 
 
 def test_delta_must_be_below_one_over_n() -> None:

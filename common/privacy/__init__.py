@@ -124,9 +124,7 @@ def plan_site(
             f"delta: {delta:g} is not below 1/n = 1/{n_train} (n training slides at this "
             f"site); use delta < {1.0 / n_train:.2g}"
         )
-    batches = math.ceil(n_train / batch_size)
-    sample_rate = 1.0 / batches
-    steps_per_round = local_epochs * batches
+    sample_rate, steps_per_round = plan_layout(n_train, batch_size, local_epochs)
     try:
         sigma = get_noise_multiplier(
             target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
@@ -147,6 +145,46 @@ def plan_site(
         max_grad_norm=max_grad_norm, epsilon_budget=epsilon, delta=delta,
         accountant=accountant, planned_rounds=rounds,
     )
+
+
+def restore_plan(saved: Any, n_train: int, **settings: Any) -> DPPlan | None:
+    """A plan an earlier message of this run saved (``{"inputs", "plan"}``), if it was made
+    for these inputs and its noise still keeps the budget; else None (calibrate anew).
+
+    In deployment every message starts a fresh ClientApp process, and calibrating takes
+    about 15 accountant evaluations (2 s here); checking a saved plan takes one. A saved
+    plan is never trusted as written: its noise must spend at most its budget over the
+    planned rounds, or be the ``max_noise_multiplier`` cap the calibration itself falls
+    back to.
+    """
+    inputs = {"n_train": n_train, **settings}
+    if not isinstance(saved, dict) or saved.get("inputs") != inputs:
+        return None
+    try:
+        plan = DPPlan(**saved["plan"])
+        expected = plan_layout(n_train, settings["batch_size"], settings["local_epochs"])
+    except (KeyError, TypeError):
+        return None
+    if ((plan.sample_rate, plan.steps_per_round) != expected
+            or (plan.max_grad_norm, plan.epsilon_budget, plan.delta, plan.accountant,
+                plan.planned_rounds) != (settings["max_grad_norm"], settings["epsilon"],
+                                         settings["delta"], settings["accountant"],
+                                         settings["rounds"])
+            or not 0 < plan.noise_multiplier <= settings["max_noise_multiplier"]):
+        return None
+    if plan.noise_multiplier < settings["max_noise_multiplier"]:
+        planned = independent_epsilon(
+            [(plan.noise_multiplier, plan.sample_rate,
+              plan.planned_rounds * plan.steps_per_round)], plan.delta, plan.accountant)
+        if not within_budget(planned, plan.epsilon_budget):
+            return None
+    return plan
+
+
+def plan_layout(n_train: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
+    """The sampling rate and steps per round of Opacus' Poisson loader over ``n_train``."""
+    batches = math.ceil(n_train / batch_size)
+    return 1.0 / batches, local_epochs * batches
 
 
 class SiteAccountant:
@@ -304,5 +342,5 @@ def independent_epsilon(
 
 
 __all__ = ["BUDGET_SLACK", "RDP_ALPHAS", "DPPlan", "SiteAccountant", "independent_epsilon",
-           "make_private", "opacus_rdp_epsilon", "plan_site", "rdp_epsilon",
+           "make_private", "opacus_rdp_epsilon", "plan_site", "rdp_epsilon", "restore_plan",
            "use_csprng_noise", "within_budget"]
