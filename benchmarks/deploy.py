@@ -64,9 +64,12 @@ def simulated(work: Path, sites: int, rounds: int) -> tuple[float, float]:
     return _paces(work / "simulated")
 
 
-KINDS = (("flwr-clientapp", "ClientApps"), ("superexec", "SuperExecs"),
+KINDS = (("flwr-clientapp", "ClientApps"), ("flwr-serverapp", "ServerApp"),
+         ("server.superlink", "SuperLink"), ("flower-superlink", "SuperLink"),
          ("client.supernode", "SuperNodes"), ("flower-supernode", "SuperNodes"),
-         ("flwr-serverapp", "ServerApp"), ("superlink", "SuperLink"))
+         ("superexec", "SuperExecs"))
+"""Process kinds by their command line, the first match wins (the SuperLink's names a
+SuperExec secret file)."""
 
 
 class CpuSampler(threading.Thread):

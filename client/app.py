@@ -115,6 +115,9 @@ class HospitalClient(NumPyClient):
 
     def evaluate(self, parameters: list[Any], config: dict[str, Any]
                  ) -> tuple[float, int, dict[str, Any]]:
+        import torch
+
+        torch.set_num_threads(1)  # as in fit: sites share their machine's cores
         site = _site(self.context, config, self.state_root)
         counts, metrics = site.evaluate(parameters)
         return float(counts.loss) if counts.n else 0.0, counts.n, metrics

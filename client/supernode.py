@@ -5,7 +5,7 @@ Flower 1.42's SuperNode asks the SuperLink for a message, and when there is none
 site (SecAgg+'s four stages and evaluation), and each one's message usually arrives while
 the site sleeps: 1.5-3 s of every exchange, 7-15 s a round. This seam is the only
 change: the sleeps of that one module are capped at ``PATHFED_SUPERNODE_POLL`` seconds
-(0.25 by default; its waits for the ClientApp's reply, 0.5 s in Flower, are capped too).
+(0.5 by default; its waits for the ClientApp's reply, 0.5 s in Flower, are capped too).
 Everything else, arguments included, is Flower's own ``flower-supernode``
 (``PATHFED_FLOWER_POLLS=1`` leaves even the sleeps alone).
 """
@@ -23,7 +23,7 @@ from typing import Any
 import flwr
 
 POLL_ENV = "PATHFED_SUPERNODE_POLL"
-DEFAULT_POLL = 0.25
+DEFAULT_POLL = 0.5
 FLOWER_SERIES = "1.42."
 
 

@@ -27,7 +27,7 @@ FLOWER_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
 }
-TASK_POLL_ENV, TASK_POLL = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.3"
+TASK_POLL_ENV, TASK_POLL = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.5"
 STOCK_POLLS_ENV = "PATHFED_FLOWER_POLLS"
 """``1``: leave Flower's own poll intervals alone (the ServerApp's 3 s, the SuperNode's
 3 s, the SuperExec's 1 s); ``python -m benchmarks deploy`` compares both."""
@@ -58,7 +58,7 @@ def flower_env(consortium: Consortium | None = None, insecure: bool = False) -> 
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = {**os.environ, **FLOWER_ENV, "PATH": path}
     # Flower's SuperExec looks for a ServerApp or ClientApp to start every second by
-    # default, and each exchange of a round waits for it; every 0.3 s (at 0.1 s its
+    # default, and each exchange of a round waits for it; every 0.5 s (at 0.1 s its
     # polls cost more CPU than they save, measured on 2 cores)
     if not stock_polls():
         env.setdefault(TASK_POLL_ENV, TASK_POLL)

@@ -102,7 +102,7 @@ def test_only_the_deployment_grid_is_wrapped_and_flowers_polls_can_be_asked_for(
     assert isinstance(wrapped, PromptGrid) and wrapped.grid is http
     other = SitesThatAnswerLate([0.0])
     assert prompt(other) is other
-    assert flower_env()[TASK_POLL_ENV] == "0.3"
+    assert flower_env()[TASK_POLL_ENV] == "0.5"
     monkeypatch.setenv(STOCK_POLLS_ENV, "1")  # Flower's own intervals, everywhere
     assert prompt(http) is http
     assert TASK_POLL_ENV not in flower_env()
@@ -128,7 +128,7 @@ def test_supernode_seam_caps_the_idle_sleep_of_flowers_loop() -> None:
 
 
 def test_supernode_poll_interval_is_checked() -> None:
-    assert poll_interval({}) == 0.25
+    assert poll_interval({}) == 0.5
     assert poll_interval({"PATHFED_SUPERNODE_POLL": "1"}) == 1.0
     for bad in ("0", "fast", "10", "nan"):
         with pytest.raises(ConfigError, match="PATHFED_SUPERNODE_POLL"):

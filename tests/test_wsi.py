@@ -611,3 +611,91 @@ def test_fast_hsv_and_saturation_are_the_reference_conversion_bit_for_bit() -> N
     assert np.array_equal(rgb_to_hsv(colours), want)
     assert np.array_equal(saturation(colours), want[..., 1])
     assert saturation(colours).dtype == np.float32
+
+
+def _jpeg_pyramid(path: Path) -> Path:
+    """A tiled JPEG pyramid as tifffile (with imagecodecs) writes one."""
+    import tifffile
+
+    from common.wsi.synthetic import pyramid
+
+    levels = pyramid(synthetic_tissue(1100, 900, seed=7), min_size=200)
+    with tifffile.TiffWriter(path) as tw:
+        for i, level in enumerate(levels):
+            tw.write(level, tile=(256, 256), compression="jpeg", photometric="rgb",
+                     subfiletype=1 if i else 0, resolution=(20000.0, 20000.0),
+                     resolutionunit="CENTIMETER", metadata=None)
+    return path
+
+
+def test_tile_decoding_gives_openslides_pixels(tmp_path: Path) -> None:
+    """Levels decoded tile by tile with tifffile (deflate and JPEG pyramids, the real
+    Aperio slide) give OpenSlide's own pixels for any region: inside, across tiles, past
+    the edges, pixel-aligned or not, and through the thumbnail and patch readers."""
+    from common.wsi.reader import OpenSlideReader
+    from common.wsi.synthetic import write_pyramid_tiff
+
+    paths = [write_pyramid_tiff(tmp_path / "deflate.tif", synthetic_tissue(1000, 700, seed=3),
+                                mpp=0.5), _jpeg_pyramid(tmp_path / "jpeg.tif")]
+    if CMU_SLIDE.is_file():
+        paths.append(CMU_SLIDE)
+    rng = np.random.default_rng(0)
+    for path in paths:
+        fast, plain = OpenSlideReader(path), OpenSlideReader(path, tiles=False)
+        with fast, plain:
+            assert fast._tiles is not None and plain._tiles is None
+            assert all(fast._tiles.covers(level) for level in range(fast.level_count)), path
+            for level in range(fast.level_count):
+                w, h = fast.level_dimensions[level]
+                ds = fast.level_downsamples[level]
+                for _ in range(60):
+                    x, y = int(rng.integers(-50, w + 20)), int(rng.integers(-50, h + 20))
+                    size = (int(rng.integers(1, 300)), int(rng.integers(1, 300)))
+                    at = (round(x * ds) + int(rng.integers(0, 2)), round(y * ds))  # some off-grid
+                    assert np.array_equal(fast.read_region(at, level, size),
+                                          plain.read_region(at, level, size)), (path, level, at)
+                whole = fast.level_dimensions[level]
+                assert np.array_equal(fast.read_region((0, 0), level, whole),
+                                      plain.read_region((0, 0), level, whole))
+            assert np.array_equal(fast.thumbnail(300), plain.thumbnail(300))
+            grid = tile_tissue(fast, mpp=max(1.0, fast.mpp), patch_size=64, overlap=8,
+                               tissue_threshold=0.0)
+            assert np.array_equal(fast.read_patches_at_mpp(grid.coords, 64, grid.mpp),
+                                  plain.read_patches_at_mpp(grid.coords, 64, grid.mpp))
+
+
+def test_tile_decoding_is_used_only_where_it_matches_openslide(tmp_path: Path) -> None:
+    """A level whose checked tile differs from OpenSlide's pixels, a striped TIFF and a
+    tile that fails to decode are all left to OpenSlide (same pixels, same errors)."""
+    import tifffile
+
+    from common.wsi.reader import OpenSlideReader
+    from common.wsi.synthetic import write_pyramid_tiff
+    from common.wsi.tiles import TiffTiles
+
+    path = write_pyramid_tiff(tmp_path / "s.tif", synthetic_tissue(700, 500, seed=4), mpp=0.5)
+    with OpenSlideReader(path) as reader:
+        tiles = TiffTiles(path)
+        try:
+            def wrong(level: int, location: Any, size: Any) -> np.ndarray:
+                return np.zeros((size[1], size[0], 3), np.uint8)
+            assert tiles.adopt(reader.level_dimensions, wrong) == []
+            assert tiles.region(0, (0, 0), (8, 8)) is None
+        finally:
+            tiles.close()
+        # a tile that cannot be decoded: OpenSlide reads the region (and says what is wrong)
+        assert reader._tiles is not None
+        good = reader.read_region((300, 200), 0, (64, 64))
+
+        def broken(*args: Any) -> np.ndarray:
+            raise ValueError("corrupt tile")
+
+        reader._tiles._tile = broken  # type: ignore[method-assign]
+        assert np.array_equal(reader.read_region((300, 200), 0, (64, 64)), good)
+    striped = tmp_path / "striped.tif"
+    tifffile.imwrite(striped, synthetic_tissue(300, 200, seed=1), photometric="rgb")
+    tiles = TiffTiles(striped)
+    try:
+        assert tiles.adopt(((300, 200),), lambda *a: np.zeros(1)) == []
+    finally:
+        tiles.close()

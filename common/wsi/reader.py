@@ -28,12 +28,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import openslide
 from PIL import Image, UnidentifiedImageError
 
 from common.errors import SlideReadError
+
+if TYPE_CHECKING:
+    from common.wsi.tiles import TiffTiles
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,9 @@ SLIDE_SUFFIXES = OPENSLIDE_SUFFIXES | IMAGE_SUFFIXES
 PLAUSIBLE_MPP = (0.05, 20.0)
 _MPP_FIX = ("give its microns per pixel with `pathfed prepare --slide-mpp MPP` (0.5 for "
             "a 20x scan; in Python: open_slide(path, default_mpp=MPP))")
+
+TILE_VENDORS = frozenset({"generic-tiff", "aperio"})
+"""OpenSlide formats whose levels can be single TIFF pages, decoded by tile."""
 
 Location = tuple[int, int]
 Size = tuple[int, int]
@@ -260,10 +267,16 @@ def _white_composite(rgba: Image.Image) -> np.ndarray:
 
 
 class OpenSlideReader(SlideReader):
-    """Any slide OpenSlide can open."""
+    """Any slide OpenSlide can open.
+
+    Levels that are plain tiled TIFF pages (generic tiled TIFF, Aperio) are read tile by
+    tile with tifffile wherever a read needs no resampling, once one of their tiles was
+    checked equal to OpenSlide's pixels (:mod:`common.wsi.tiles`; ``tiles=False``: OpenSlide
+    only).
+    """
 
     def __init__(self, path: str | Path, mpp: float | None = None,
-                 default_mpp: float | None = None) -> None:
+                 default_mpp: float | None = None, tiles: bool = True) -> None:
         self.path = Path(path)
         try:
             self._slide = openslide.OpenSlide(str(self.path))
@@ -285,6 +298,30 @@ class OpenSlideReader(SlideReader):
         self._dims: tuple[Size, ...] = tuple(
             (int(w), int(h)) for w, h in self._slide.level_dimensions
         )
+        self._downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        self._tiles = self._tile_decoder() if tiles else None
+
+    def _tile_decoder(self) -> TiffTiles | None:
+        """tifffile for the levels that are plain tiled TIFF pages (``common/wsi/tiles.py``),
+        each checked against OpenSlide's pixels; None when no level qualifies."""
+        from common.wsi.tiles import TiffTiles
+
+        if self.vendor not in TILE_VENDORS:
+            return None
+        try:
+            tiles = TiffTiles(self.path)
+        except Exception as err:  # noqa: BLE001 (not a TIFF tifffile reads: OpenSlide only)
+            log.debug("%s: not decoded by tile (%s)", self.path, err)
+            return None
+        def openslide_at(level: int, location: Location, size: Size) -> np.ndarray:
+            ds = self._downsamples[level]  # the check reads in the level's pixels
+            return self._openslide_region(level, (round(location[0] * ds),
+                                                  round(location[1] * ds)), size)
+
+        if not tiles.adopt(self._dims, openslide_at):
+            tiles.close()
+            return None
+        return tiles
 
     @property
     def level_dimensions(self) -> tuple[Size, ...]:
@@ -292,12 +329,29 @@ class OpenSlideReader(SlideReader):
 
     @property
     def level_downsamples(self) -> tuple[float, ...]:
-        return tuple(float(d) for d in self._slide.level_downsamples)
+        return self._downsamples
 
     def read_region(self, location: Location, level: int, size: Size) -> np.ndarray:
         if not 0 <= level < self.level_count:
             raise ValueError(f"{self.path}: level {level} does not exist "
                              f"(the slide has {self.level_count})")
+        if self._tiles is not None and self._tiles.covers(level):
+            ds = self._downsamples[level]
+            x, y = int(location[0]), int(location[1])
+            if x % ds == 0 and y % ds == 0:  # on a pixel of the level: no resampling
+                try:
+                    region = self._tiles.region(level, (int(x // ds), int(y // ds)),
+                                                (int(size[0]), int(size[1])))
+                except Exception as err:  # noqa: BLE001 (a bad tile: OpenSlide's verdict)
+                    log.debug("%s: tile decoding failed at %s level %d (%s); reading it "
+                              "with OpenSlide", self.path, location, level, err)
+                    region = None
+                if region is not None:
+                    return region
+        return self._openslide_region(level, (int(location[0]), int(location[1])), size)
+
+    def _openslide_region(self, level: int, location: Location, size: Size) -> np.ndarray:
+        """OpenSlide's own pixels at baseline ``location``."""
         try:
             region = self._slide.read_region((int(location[0]), int(location[1])), level,
                                              (int(size[0]), int(size[1])))
@@ -309,6 +363,8 @@ class OpenSlideReader(SlideReader):
         return _white_composite(region)
 
     def close(self) -> None:
+        if self._tiles is not None:
+            self._tiles.close()
         self._slide.close()
 
 
