@@ -39,9 +39,9 @@ def add_parser(sub: Any) -> None:
                    help="the image to normalise to (default: PathFed's reference tile, "
                    "rendered from Macenko's published reference stains)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help=f"processes reading patches (default 1; this machine has "
-                   f"{os.cpu_count()} cores). More only pay off on large multi-level slides "
-                   "and enough cores; measure with `python -m benchmarks tiling`")
+                   help=f"processes reading patches (default 1: this process, with two "
+                   f"reading threads; this machine has {os.cpu_count()} cores). More only "
+                   "pay off with many cores; measure with `python -m benchmarks tiling`")
     p.add_argument("--tissue-threshold", type=float, default=0.5, metavar="F",
                    help="minimum tissue fraction of a kept patch (default 0.5)")
     p.add_argument("--overlap", type=int, default=0, metavar="PX",

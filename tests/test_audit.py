@@ -73,6 +73,10 @@ def test_good_run_verifies_and_recomputes_the_claims(good_run: Path,
     unmasked = [w for w in report.warnings if "unmasked" in w]
     seeded = [w for w in report.warnings if "noise was seeded" in w]
     assert len(unmasked) == 2 and len(seeded) == 2 and len(report.warnings) == 4
+    from common.runs import read_metrics
+
+    paces = [r["elapsed_s"] for r in read_metrics(good_run) if r["site"] == "global"]
+    assert len(paces) == 2 and 0 < paces[0] < paces[1]  # each round's time, in seconds
 
 
 def test_budget_overrun_written_by_hand_is_flagged(good_run: Path, tmp_path: Path,
