@@ -77,7 +77,8 @@ class CpuSampler(threading.Thread):
 
     def __init__(self, roots: list[int]) -> None:
         super().__init__(daemon=True)
-        self.roots, self.seen = roots, {}  # type: ignore[var-annotated]
+        self.roots = roots
+        self.seen: dict[int, tuple[str, float]] = {}
         self.done = threading.Event()
 
     def run(self) -> None:

@@ -270,7 +270,7 @@ class OpenSlideReader(SlideReader):
     """Any slide OpenSlide can open.
 
     Levels that are plain tiled TIFF pages (generic tiled TIFF, Aperio) are read tile by
-    tile with tifffile wherever a read needs no resampling, once one of their tiles was
+    tile with tifffile wherever a read needs no resampling, once two of their tiles were
     checked equal to OpenSlide's pixels (:mod:`common.wsi.tiles`; ``tiles=False``: OpenSlide
     only).
     """
@@ -313,6 +313,7 @@ class OpenSlideReader(SlideReader):
         except Exception as err:  # noqa: BLE001 (not a TIFF tifffile reads: OpenSlide only)
             log.debug("%s: not decoded by tile (%s)", self.path, err)
             return None
+
         def openslide_at(level: int, location: Location, size: Size) -> np.ndarray:
             ds = self._downsamples[level]  # the check reads in the level's pixels
             return self._openslide_region(level, (round(location[0] * ds),
