@@ -77,9 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     from flwr.supernode.cli import flower_supernode
 
     from common.deployment import stock_polls
+    from common.errors import ConfigError
 
     if not stock_polls():
-        install(poll_interval())
+        try:
+            install(poll_interval())
+        except ConfigError as err:
+            print(f"pathfed site: {err}", file=sys.stderr)
+            return 2
     sys.argv = ["flower-supernode", *(sys.argv[1:] if argv is None else argv)]
     flower_supernode()
     return 0

@@ -135,6 +135,16 @@ def test_supernode_poll_interval_is_checked() -> None:
             poll_interval({"PATHFED_SUPERNODE_POLL": bad})
 
 
+def test_a_bad_poll_setting_stops_the_site_with_a_clear_message(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from client.supernode import main
+
+    monkeypatch.delenv("PATHFED_FLOWER_POLLS", raising=False)
+    monkeypatch.setenv("PATHFED_SUPERNODE_POLL", "soon")
+    assert main(["--help-is-never-reached"]) == 2
+    assert "PATHFED_SUPERNODE_POLL: 'soon' must be seconds" in capsys.readouterr().err
+
+
 def test_sites_start_flowers_supernode_through_the_seam(tmp_path: Any) -> None:
     import json
 
