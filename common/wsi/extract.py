@@ -114,6 +114,8 @@ def _write_features(
 ) -> None:
     from common.data.featurefile import writing
 
+    # in this process, cut the patches from the slide already open (or decoded) here
+    memory = memory or (reader if patch_reader.workers <= 1 else None)
     with writing(out_path, grid.coords, grid.tissue_fraction, encoder.dim,
                  batch_size) as file:
         for patches, flags in patch_reader.batches(reader.path, default_mpp, grid.coords,

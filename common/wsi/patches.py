@@ -71,8 +71,9 @@ class PatchReader:
     def batches(self, path: Path, default_mpp: float | None, coords: np.ndarray, mpp: float,
                 patch_size: int, batch_size: int, memory: SlideReader | None = None
                 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        """Batches of ``coords``' patches and their QC flags, in order. ``memory``: the
-        slide already decoded (:func:`common.wsi.reader.decoded_once`), cut here."""
+        """Batches of ``coords``' patches and their QC flags, in order. ``memory``: a
+        reader of the slide already open in this process (the slide itself, or decoded
+        by :func:`common.wsi.reader.decoded_once`), cut here by the reading threads."""
         chunks = [coords[i:i + batch_size] for i in range(0, len(coords), batch_size)]
         if memory is not None:
             yield from _prefetched(lambda chunk: _cut(memory, chunk, mpp, patch_size), chunks)
