@@ -74,17 +74,16 @@ class PatchReader:
         """Batches of ``coords``' patches and their QC flags, in order. ``memory``: a
         reader of the slide already open in this process (the slide itself, or decoded
         by :func:`common.wsi.reader.decoded_once`), cut here by the reading threads."""
+        if memory is None and self.workers <= 1:  # open it here, once, for both threads
+            try:
+                yield from self.batches(path, default_mpp, coords, mpp, patch_size, batch_size,
+                                        _reader_for(str(path), default_mpp))
+            finally:
+                _close_reader()
+            return
         chunks = [coords[i:i + batch_size] for i in range(0, len(coords), batch_size)]
         if memory is not None:
             yield from _prefetched(lambda chunk: _cut(memory, chunk, mpp, patch_size), chunks)
-            return
-        if self.workers <= 1:
-            try:
-                reader = _reader_for(str(path), default_mpp)  # opened once, for both threads
-                yield from _prefetched(lambda chunk: _cut(reader, chunk, mpp, patch_size),
-                                       chunks)
-            finally:
-                _close_reader()
             return
         if self._pool is None:
             import multiprocessing
