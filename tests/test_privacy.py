@@ -44,6 +44,11 @@ def test_saved_plan_is_reused_only_for_its_inputs_and_when_it_keeps_the_budget()
     # a saved noise that would overspend (edited state, other accountant code): refused
     weak = {**saved, "plan": {**plan.to_dict(), "noise_multiplier": plan.noise_multiplier * 0.9}}
     assert restore_plan(weak, 100, **PLAN_INPUTS) is None
+    # a plan whose own budget, clipping or rounds were edited (inputs left alone): refused
+    for key, value in (("epsilon_budget", 6.0), ("max_grad_norm", 10.0), ("planned_rounds", 2),
+                       ("delta", 1e-3), ("accountant", "gdp")):
+        edited = {**saved, "plan": {**plan.to_dict(), key: value}}
+        assert restore_plan(edited, 100, **PLAN_INPUTS) is None, key
     # a sampling rate or step count the loader would not give: refused
     odd = {**saved, "plan": {**plan.to_dict(), "steps_per_round": 13}}
     assert restore_plan(odd, 100, **PLAN_INPUTS) is None
