@@ -119,7 +119,7 @@ def _print(report: Any, attack: Any) -> None:
         table.add_column(col, justify="left" if col in ("site", "unit", "verdict") else "right")
     for s in report.sites:
         style = {"ok": "green", "FAIL": "bold red"}.get(s.verdict, "yellow")
-        table.add_row(s.site, str(len(s.rounds_trained)), s.privacy_unit or "-",
+        table.add_row(s.site, str(len(s.rounds_trained)), s.unit_label,
                       _fmt(s.claimed), _fmt(s.rdp), _fmt(s.prv), _fmt(s.budget, 2),
                       _fmt(s.delta, 8).rstrip("0") if s.delta else "-",
                       f"[{style}]{s.verdict}[/]")
@@ -288,7 +288,7 @@ def render_html(report: Any, attack: Any = None) -> str:
     ok = not problems
     rows = "".join(
         f"<tr><td>{e(s.site)}</td><td>{len(s.rounds_trained)}</td>"
-        f"<td>{e(s.privacy_unit or '-')}</td><td>{_fmt(s.claimed)}</td><td>{_fmt(s.rdp)}</td>"
+        f"<td>{e(s.unit_label)}</td><td>{_fmt(s.claimed)}</td><td>{_fmt(s.rdp)}</td>"
         f"<td>{_fmt(s.prv)}</td><td>{_fmt(s.budget, 2)}</td><td>{e(_fmt(s.delta, 8))}</td>"
         f"<td class='{'ok' if s.verdict == 'ok' else 'bad'}'>{e(s.verdict)}</td></tr>"
         for s in report.sites)

@@ -17,8 +17,9 @@ from flwr.app import ConfigRecord, Context
 from flwr.client import Client, NumPyClient
 from flwr.clientapp import ClientApp
 
-from client.secagg import secaggplus_mod
+from client.secagg import in_secure_round, secaggplus_mod
 from common.config import FederationConfig
+from common.crypto.quantize import pending_share
 
 if TYPE_CHECKING:
     from common.site import Site
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 logging.getLogger("flwr").setLevel(logging.INFO)
 
 STATE_KEY = "pathfed-site"
-SERVER_KEYS = ("server-round", "ledger-run")
+SERVER_KEYS = ("server-round", "ledger-run", "dp-min-sites")
 """Per-round keys of the server's config that are not settings of the federation."""
 
 
@@ -105,9 +106,16 @@ class HospitalClient(NumPyClient):
 
         torch.set_num_threads(1)
         site = _site(self.context, config, self.state_root)
+        distributed = site.plan is not None and site.plan.distributed
+        if distributed and not in_secure_round.get():
+            raise RuntimeError(f"{site.name}: distributed DP sends updates through SecAgg+ "
+                               "only; this training message has no SecAgg+ stage")
         report = site.round(parameters, int(config.get("server-round", 0)),
                             _ledger_key(self.context, site),
-                            str(config["ledger-run"]) if "ledger-run" in config else None)
+                            str(config["ledger-run"]) if "ledger-run" in config else None,
+                            int(config["dp-min-sites"]) if "dp-min-sites" in config else None)
+        if report.noise_share is not None:
+            pending_share.set(report.noise_share)  # the SecAgg+ quantiser adds it
         if site.store is not None and site.store.folder is None:
             self.context.state.config_records[STATE_KEY] = ConfigRecord(
                 {"state": site.store.dumps()})

@@ -32,7 +32,12 @@ from typing import Any, cast
 
 from common.errors import DataError
 from common.ledger import LEDGER_FILE, LedgerReport, config_hash, verify_ledger
-from common.privacy import independent_epsilon, opacus_rdp_epsilon, rdp_epsilon, within_budget
+from common.privacy import (
+    history_epsilon,
+    independent_epsilon,
+    opacus_rdp_epsilon,
+    within_budget,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,9 @@ class SiteAudit:
     dp: bool = True
     accountant: str | None = None
     privacy_unit: str | None = None
+    dp_mode: str = "local"
+    """``local`` (DP-SGD at the site) or ``distributed`` (Skellam shares summed by SecAgg+;
+    its RDP is then the Skellam bound's)."""
     claimed: float | None = None
     rdp: float | None = None
     prv: float | None = None
@@ -60,6 +68,12 @@ class SiteAudit:
     """Per trained round: ``round``, ``claimed`` and ``rdp`` cumulative epsilon."""
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def unit_label(self) -> str:
+        """The privacy unit, and the DP mode when it is distributed."""
+        unit = self.privacy_unit or "-"
+        return f"{unit}, distributed" if self.dp_mode == "distributed" else unit
 
     @property
     def verdict(self) -> str:
@@ -262,6 +276,59 @@ def _check_release(run_dir: Path, summary: dict[str, Any], end: dict[str, Any],
                                "ledger records")
 
 
+def _distributed_entry(rec: dict[str, Any], entry: tuple[float, ...], config: dict[str, Any],
+                       audit: SiteAudit) -> tuple[float, ...] | None:
+    """A distributed-DP round's Skellam entry, its sensitivities recomputed from the run's
+    configuration and the model's trainable coordinates (None, with the problem, when the
+    record does not hold up)."""
+    from common.privacy.distributed import integer_sensitivity
+
+    rnd = rec.get("round")
+    try:
+        dim = int(rec["dim"])
+        l2, l1 = float(rec["l2_sensitivity"]), float(rec["l1_sensitivity"])
+        sites, share = int(rec["noise_sites"]), float(rec["share_variance"])
+    except (KeyError, TypeError, ValueError):
+        audit.problems.append(f"round {rnd}: a distributed-DP record without its noise "
+                              "(dim, sensitivities, noise_sites, share_variance)")
+        return None
+    if entry[1] != 1.0 or entry[2] != 1:
+        audit.problems.append(f"round {rnd}: distributed DP takes one full-batch step per "
+                              f"round; the record has rate {entry[1]:g}, {entry[2]} steps")
+        return None
+    coordinates = int(rec.get("bytes_sent") or 0) // 8  # float64 values under SecAgg+
+    if not 0 < dim <= coordinates:
+        audit.problems.append(f"round {rnd}: trains {dim} coordinates, sends {coordinates}")
+        return None
+    if config:
+        from common.checks import update_bound
+        from common.config import FederationConfig
+
+        try:
+            cfg = FederationConfig.from_mapping(config, "config.json")
+        except Exception as err:  # noqa: BLE001 (a config the audit cannot rebuild)
+            audit.problems.append(f"the run's configuration does not validate ({err})")
+            return None
+        need_l2, need_l1 = integer_sensitivity(
+            dim, lr=cfg.lr, max_grad_norm=cfg.max_grad_norm,
+            max_weight=float(cfg.secagg_max_weight),
+            quantization_range=cfg.secagg_quantization_range,
+            clipping_range=update_bound(cfg))
+        if l2 < need_l2 * (1 - 1e-12) or l1 < need_l1 * (1 - 1e-12):
+            audit.problems.append(f"round {rnd}: sensitivities {l2:.6g} (L2), {l1:.6g} (L1) "
+                                  f"are below the {need_l2:.6g}, {need_l1:.6g} its settings give")
+            return None
+    if sites < 2:
+        audit.problems.append(f"round {rnd}: shares sized for a sum of {sites} site(s)")
+        return None
+    if share * sites < (entry[0] * l2) ** 2 * (1 - 1e-9):
+        audit.problems.append(
+            f"round {rnd}: {sites} shares of variance {share:.6g} sum to less than the "
+            f"{(entry[0] * l2) ** 2:.6g} its noise multiplier {entry[0]:g} needs")
+        return None
+    return (entry[0], 1.0, 1, l2, l1)
+
+
 def _audit_site(name: str, entries: list[dict[str, Any]], report: AuditReport,
                 globals_before: dict[int, str], participants: dict[int, set[str]]) -> SiteAudit:
     audit = SiteAudit(site=name)
@@ -310,11 +377,13 @@ def _audit_site(name: str, entries: list[dict[str, Any]], report: AuditReport,
         audit.problems.append("trained without differential privacy: there is no epsilon to "
                               "verify (run with dp = true)")
         return audit
-    history: list[tuple[float, float, int]] = []
+    history: list[tuple[float, ...]] = []
+    distributed = any(rec.get("dp_mode") == "distributed" for rec in records)
+    audit.dp_mode = "distributed" if distributed else "local"
     for rec in records:
         try:
-            entry = (float(rec["noise_multiplier"]), float(rec["sample_rate"]),
-                     int(rec["steps"]))
+            entry: tuple[float, ...] = (float(rec["noise_multiplier"]),
+                                        float(rec["sample_rate"]), int(rec["steps"]))
         except (KeyError, TypeError, ValueError):
             audit.problems.append(f"round {rec.get('round')}: no complete DP schedule "
                                   "(noise_multiplier, sample_rate, steps)")
@@ -322,10 +391,15 @@ def _audit_site(name: str, entries: list[dict[str, Any]], report: AuditReport,
         if not (entry[0] > 0 and 0 < entry[1] <= 1 and entry[2] >= 0):
             audit.problems.append(f"round {rec.get('round')}: impossible DP schedule {entry}")
             return audit
+        if distributed:
+            skellam = _distributed_entry(rec, entry, report.config, audit)
+            if skellam is None:
+                return audit
+            entry = skellam
         history.append(entry)
         claimed = rec.get("epsilon")
         audit.curve.append({"round": rec.get("round"), "claimed": claimed,
-                            "rdp": rdp_epsilon(history, float(audit.delta or 0))})
+                            "rdp": history_epsilon(history, float(audit.delta or 0))})
     delta = float(audit.delta or 0.0)
     n = int(last.get("n_samples") or 0)
     if not 0 < delta < 1:
@@ -334,14 +408,19 @@ def _audit_site(name: str, entries: list[dict[str, Any]], report: AuditReport,
     if n and delta >= 1.0 / n:
         audit.problems.append(f"delta {delta:g} is not below 1/n = 1/{n}: the guarantee is void "
                               f"for a dataset of {n} {audit.privacy_unit}s")
-    # The final values come from fresh Opacus accountants (no PathFed cache in between).
-    audit.rdp = opacus_rdp_epsilon(history, delta)
-    try:
-        audit.prv = independent_epsilon(history, delta, "prv")
-    except (ValueError, RuntimeError) as err:  # PRV refuses some extreme schedules
-        audit.notes.append(f"PRV accountant could not compose this schedule ({err})")
+    if distributed:
+        # the Skellam bound, composed in RDP (no PathFed cache); PRV has no Skellam form
+        audit.rdp = history_epsilon(history, delta)
+        audit.notes.append(f"distributed DP: {last.get('trust')}")
+    else:
+        # The final values come from fresh Opacus accountants (no PathFed cache in between).
+        audit.rdp = opacus_rdp_epsilon(history, delta)
+        try:
+            audit.prv = independent_epsilon(history, delta, "prv")
+        except (ValueError, RuntimeError) as err:  # PRV refuses some extreme schedules
+            audit.notes.append(f"PRV accountant could not compose this schedule ({err})")
     audit.claimed = last.get("epsilon")
-    mech = audit.accountant or "rdp"
+    mech = "rdp" if distributed else (audit.accountant or "rdp")
     recomputed = audit.rdp if mech == "rdp" else audit.prv
     for point in audit.curve:
         c = point["claimed"]

@@ -56,6 +56,9 @@ def update_bound(cfg: Any) -> float:
     """
     if cfg.secagg_clipping_range > 0:
         return float(cfg.secagg_clipping_range)
+    if getattr(cfg, "dp_mode", "local") == "distributed":
+        # one step of lr times a mean of clipped slide gradients, weighted by n / max-weight
+        return float(cfg.lr * cfg.max_grad_norm)
     steps = cfg.local_epochs * math.ceil(cfg.secagg_max_weight / cfg.batch_size)
     sigma = cfg.max_noise_multiplier if cfg.dp else 0.0
     return update_value_bound(cfg.optimizer, cfg.lr, steps, cfg.max_grad_norm, sigma,

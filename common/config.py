@@ -102,6 +102,27 @@ class FederationConfig(BaseModel):
     )
     lr: float = Field(0.5, gt=0.0, le=10.0, description="Learning rate.")
     optimizer: Literal["adam", "sgd"] = Field("sgd", description="Local optimizer.")
+    prox_mu: float = Field(
+        0.0, ge=0.0, le=100.0,
+        description="FedProx: weight mu of the proximal term mu/2 ||w - w_global||^2 in "
+        "local training (0: plain FedAvg). Its gradient is data-independent, so DP-SGD "
+        "clips and noises only the data's gradient.")
+
+    # Server optimiser (post-processing of the aggregate: no privacy cost)
+    server_optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = Field(
+        "fedavg", description="How the server steps with the round's aggregate update "
+        "(Reddi et al. 2021, Flower's arithmetic).")
+    server_lr: float = Field(
+        0.0, ge=0.0, le=100.0,
+        description="Server learning rate; 0 takes Flower's default (1 for fedavg and "
+        "fedavgm, 0.1 for the adaptive ones).")
+    server_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="FedAvgM's momentum.")
+    server_beta1: float = Field(0.9, ge=0.0, lt=1.0,
+                                description="First-moment decay of fedadam/fedyogi.")
+    server_beta2: float = Field(0.99, ge=0.0, lt=1.0,
+                                description="Second-moment decay of fedadam/fedyogi.")
+    server_tau: float = Field(1e-9, gt=0.0, le=1.0,
+                              description="Adaptive optimisers' denominator constant.")
 
     # Differential privacy
     dp: bool = Field(True, description="Train every site with DP-SGD (Opacus).")
@@ -121,6 +142,11 @@ class FederationConfig(BaseModel):
         "runs out before the planned rounds.",
     )
     accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant.")
+    dp_mode: Literal["local", "distributed"] = Field(
+        "local", description="local: every site adds its own full DP-SGD noise; "
+        "distributed: each site takes one full-batch clipped step per round and adds a "
+        "share of Skellam noise that only SecAgg+'s sum completes (needs secagg; "
+        "docs/privacy.md).")
     release_train_loss: bool = Field(
         False,
         description="Sites also send their mean training loss each round: an un-noised "
@@ -185,6 +211,14 @@ class FederationConfig(BaseModel):
         from common.models import parse_model_options
 
         parse_model_options(self.model, self.model_options)
+        if self.dp_mode == "distributed":
+            if not (self.dp and self.secagg):
+                raise ValueError("dp-mode: distributed DP needs dp = true and secagg = true "
+                                 "(the noise is complete only in SecAgg+'s sum)")
+            if self.site_epsilon:
+                raise ValueError("site-epsilon: every site shares the one noise of a "
+                                 "distributed-DP sum; give one epsilon, or use dp-mode = "
+                                 "\"local\" for per-site budgets")
         if self.secagg:
             shares, threshold = self.secagg_num_shares, self.secagg_threshold
             if shares > 1 and (shares != int(shares) or shares <= 2):

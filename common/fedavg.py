@@ -5,8 +5,11 @@ federations. It drives the same engine as the Flower strategy
 (:class:`common.rounds.RoundBook`: the reply checks, the weighted mean, checkpoints, the
 ledger's records, metric records and ``summary.json``) and the same site code
 (:meth:`common.site.Site.round`: training, signing, the privacy state), so its numbers go
-through every check a real run's do. Only SecAgg+ is missing: updates are averaged in the
-clear, and the ledger says so (``"sent": {"update": "plain"}``, ``secagg = false``).
+through every check a real run's do. Only SecAgg+'s masks are missing: updates are
+averaged in the clear, and the ledger says so (``"sent": {"update": "plain"}``,
+``secagg = false``). With distributed DP the aggregate is SecAgg+'s own arithmetic
+(:func:`common.crypto.quantize.secure_sum`: weighting, quantisation, the sites' noise
+shares, the modular sum); the masks, which cancel in that sum, are left out.
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from common.checks import update_bound
 from common.config import FederationConfig
+from common.crypto.quantize import secure_sum
 from common.crypto.signing import SigningKey
 from common.ledger import LEDGER_FILE, Ledger
+from common.privacy.distributed import min_sites
 from common.rounds import RoundBook, weighted_mean
 from common.runs import RunFolder
 from common.site import Site, initial_model
@@ -55,7 +61,8 @@ def run_inprocess(
     signed with ``server_key`` and ``site_keys`` (generated when not given). Sites whose
     budget is spent are not asked to train and are recorded as such.
     """
-    if cfg.secagg:
+    distributed = cfg.dp and cfg.dp_mode == "distributed"
+    if cfg.secagg and not distributed:
         cfg = cfg.model_copy(update={"secagg": False})  # updates are averaged in the clear
     sites = sites or [Site(cfg, i) for i in range(cfg.sites)]
     model = initial_model(cfg)
@@ -81,10 +88,11 @@ def run_inprocess(
             else:
                 asked.append(site)
         book.start_round(rnd, [s.name for s in asked])
-        accepted, updates = [], []
+        accepted, updates, shares = [], [], []
+        in_sum = min_sites(len(asked), cfg.secagg_dropout) if distributed else None
         for site in asked:
             report = site.round(received, rnd, site_keys[site.name] if site_keys else None,
-                                ledger.run if ledger else None)
+                                ledger.run if ledger else None, in_sum)
             problem = book.check(site.name, rnd, report.n_samples, report.metrics,
                                  report.update)
             if problem:
@@ -92,7 +100,8 @@ def run_inprocess(
                 continue
             accepted.append((site.name, report.n_samples, report.metrics))
             updates.append((report.update, report.n_samples))
-        book.apply(rnd, accepted, weighted_mean(updates) if updates else None)
+            shares.append(report.noise_share)
+        book.apply(rnd, accepted, _aggregate(cfg, updates, shares, in_sum))
         if evaluate:
             book.evaluate(rnd, [(site.name, site.evaluate(book.global_weights)[1])
                                 for site in sites])
@@ -100,6 +109,24 @@ def run_inprocess(
         book.epsilon[site.name] = site.epsilon
     summary = book.finish(engine="in-process FedAvg (common.fedavg)") if run else {}
     return FederationResult(book.global_weights, dict(book.epsilon), book.history, summary)
+
+
+def _aggregate(cfg: FederationConfig, updates: list[tuple[NDArrays, int]],
+               shares: list[Any], in_sum: int | None) -> NDArrays | None:
+    """The round's aggregate: the weighted mean, or with distributed DP the noisy mean
+    SecAgg+ would unmask (:func:`common.crypto.quantize.secure_sum`; its masks cancel)."""
+    if not updates:
+        return None
+    if in_sum is None:
+        return weighted_mean(updates)
+    if len(updates) < in_sum:
+        log.warning("%d sites sent updates; their noise shares are sized for a sum of %d at "
+                    "least, so none is summed this round", len(updates), in_sum)
+        return None
+    return secure_sum([(u, n, s) for (u, n), s in zip(updates, shares)],
+                      clipping_range=update_bound(cfg),
+                      quantization_range=cfg.secagg_quantization_range,
+                      max_weight=float(cfg.secagg_max_weight))
 
 
 __all__ = ["FederationResult", "run_inprocess"]

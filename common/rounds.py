@@ -44,6 +44,7 @@ from common.ledger import (
 )
 from common.metrics import EvalCounts
 from common.runs import RunFolder, json_safe, sha256_file
+from common.server_opt import ServerOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,14 @@ class FederationAborted(PathFedError):
 def plan_line(n: int, metrics: Mapping[str, Any]) -> str:
     """What a site's first reply says about its training and privacy plan, in words."""
     text = f"trains on {n} samples, {metrics.get('steps', '?')} steps per round"
-    if "noise_multiplier" in metrics:
+    if metrics.get("dp_mode") == "distributed":
+        text += (f"; distributed DP: a share of Skellam noise (multiplier "
+                 f"{float(metrics['noise_multiplier']):.3g} in a sum of at least "
+                 f"{metrics.get('noise_sites')} sites), clipping "
+                 f"{float(metrics['max_grad_norm']):g}, budget epsilon "
+                 f"{float(metrics['epsilon_budget']):g} (spent {float(metrics['epsilon']):.3g} "
+                 "in its first round)")
+    elif "noise_multiplier" in metrics:
         text += (f"; DP-SGD with noise multiplier {float(metrics['noise_multiplier']):.3g}, "
                  f"sampling rate {float(metrics['sample_rate']):.3g}, clipping "
                  f"{float(metrics['max_grad_norm']):g}, budget epsilon "
@@ -126,6 +134,23 @@ class RoundBook:
         self.features: dict[str, str] = {}
         """How each site says its features were made (for the released model's card)."""
         self.started = time.perf_counter()
+        self.server_opt = ServerOptimizer.from_config(cfg)
+        """How an accepted aggregate becomes the next global model (FedAvg by default)."""
+        if self.server_opt.stateful and run is not None and round_offset:
+            self._restore_server_opt(round_offset)
+
+    def _restore_server_opt(self, done: int) -> None:
+        """Continue a resumed run with the server optimiser's moments of round ``done``."""
+        assert self.run is not None
+        path = self.run.server_state_path(done)
+        if path is None:
+            log.warning("resuming after round %d: no %s state of that round was saved; its "
+                        "moments start from zero", done, self.server_opt.name)
+            return
+        from common.runs import load_checkpoint
+
+        self.server_opt.load_state(load_checkpoint(path, self.run.checkpoint_key,
+                                                   self.run.run_id))
 
     # ---- a round's training ------------------------------------------------------------
     def start_round(self, server_round: int, asked: Sequence[str]) -> None:
@@ -203,8 +228,7 @@ class RoundBook:
                     f"aggregate rejected: {problem}")
             self._ledger_round(server_round, [], None)
             return False
-        self.global_weights = [w + np.asarray(u).astype(w.dtype)
-                               for w, u in zip(self.global_weights, mean_update)]
+        self.global_weights = self.server_opt.step(self.global_weights, mean_update)
         for site, n, metrics in accepted:
             if site not in self.declared:
                 log.info("%s: %s", site, plan_line(int(n), metrics))
@@ -219,6 +243,8 @@ class RoundBook:
                 self.exhausted[site] = "its next round would exceed its privacy budget"
         path = None
         if self.run is not None:
+            if self.server_opt.stateful:  # before the checkpoint that a resume starts from
+                self.run.save_server_state(server_round, self.server_opt.state_arrays())
             path = self.run.save_checkpoint(server_round, self.names, self.global_weights)
             record["checkpoint"] = str(path.relative_to(self.run.path))
         self.models += 1

@@ -91,11 +91,13 @@ class RunFolder:
     def save_checkpoint(self, server_round: int, names: list[str],
                         weights: list[np.ndarray]) -> Path:
         """Write the global model of ``server_round``; AES-GCM sealed when a key is set."""
+        return self._save_npz(checkpoint_name(server_round), dict(zip(names, weights)))
+
+    def _save_npz(self, name: str, arrays: dict[str, np.ndarray]) -> Path:
         import io
 
-        name = checkpoint_name(server_round)
         buf = io.BytesIO()
-        np.savez(buf, **dict(zip(names, weights)))  # type: ignore[arg-type]
+        np.savez(buf, **arrays)  # type: ignore[arg-type]
         if self.checkpoint_key is None:
             target = self.path / "checkpoints" / name
             atomic_write(target, buf.getvalue())
@@ -103,6 +105,19 @@ class RunFolder:
             target = self.path / "checkpoints" / (name + SUFFIX)
             atomic_write(target, seal(buf.getvalue(), self.checkpoint_key, name, self.run_id))
         return target
+
+    def save_server_state(self, server_round: int, arrays: dict[str, np.ndarray]) -> Path:
+        """Write the server optimiser's state after ``server_round`` (sealed like the
+        checkpoints), so that a resumed run continues its moments."""
+        return self._save_npz(f"server-opt-{server_round:03d}.npz", arrays)
+
+    def server_state_path(self, server_round: int) -> Path | None:
+        """The server optimiser's saved state after ``server_round``, if any."""
+        for suffix in ("", SUFFIX):
+            path = self.path / "checkpoints" / f"server-opt-{server_round:03d}.npz{suffix}"
+            if path.is_file():
+                return path
+        return None
 
     def save_release(self, name: str, data: bytes) -> Path:
         """Write a released model's bytes beside the checkpoints (sealed like them); the

@@ -7,6 +7,7 @@ translates messages into calls of :meth:`Site.train` and :meth:`Site.evaluate` a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -24,7 +25,7 @@ from common.data.multiscale import Layout
 from common.errors import ConfigError, PathFedError, PrivacyBudgetExhausted
 from common.metrics import EvalCounts
 from common.models import build_model
-from common.privacy import DPPlan, SiteAccountant, plan_site, restore_plan
+from common.privacy import DPPlan, SiteAccountant, plan_distributed, plan_site, restore_plan
 from common.training import NDArrays, evaluate, local_train, set_weights
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,9 @@ class SiteReport:
     update: NDArrays
     n_samples: int
     metrics: dict[str, Any]
+    noise_share: Any = None
+    """Distributed DP: the :class:`common.privacy.distributed.NoiseShare` the secure sum
+    must add to this update's quantised vector (never sent; None in local mode)."""
 
 
 def freeze(model: torch.nn.Module, prefixes: str, name: str) -> list[str]:
@@ -217,10 +221,24 @@ class Site:
                 epsilon=cfg.site_budget(self.name), delta=cfg.delta,
                 max_grad_norm=cfg.max_grad_norm, max_noise_multiplier=cfg.max_noise_multiplier,
                 accountant=cfg.accountant)
+            planner: Any = plan_site
+            if cfg.dp_mode == "distributed":
+                self._plan_inputs.update(
+                    accountant="skellam", mode="distributed", dim=self.trainable_dim(),
+                    lr=cfg.lr, max_weight=float(cfg.secagg_max_weight),
+                    quantization_range=cfg.secagg_quantization_range,
+                    clipping_range=update_bound(cfg))
+                planner = plan_distributed
             # a fresh process per message in deployment: reuse this run's checked plan
             self.plan = (restore_plan((state or {}).get("plan"), len(self.train_set),
                                       **self._plan_inputs)
-                         or plan_site(len(self.train_set), **self._plan_inputs))
+                         or planner(len(self.train_set), **self._plan_inputs))
+
+    def trainable_dim(self) -> int:
+        """Coordinates of the model this site trains (its frozen ones never move)."""
+        model = build_model(self.cfg.model, **model_kwargs(self.cfg, self.data.train.layout))
+        freeze(model, self.cfg.freeze, self.cfg.model)
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def _check_data(self, source: str | None) -> None:
         """A site needs slides of both classes, two at least, with finite features."""
@@ -266,6 +284,13 @@ class Site:
         """Where this site's DP noise comes from (recorded in the ledger)."""
         if not self.cfg.dp:
             return None
+        if self.plan is not None and self.plan.distributed:
+            from common.crypto.quantize import SKELLAM_SOURCE
+
+            if self.noise == "csprng":
+                return f"distributed: Skellam shares from {SKELLAM_SOURCE}"
+            return (f"seeded: distributed Skellam shares from NumPy's generator, seed from "
+                    f"{self.cfg.seed} (reproducible, not secret)")
         if self.noise == "csprng":
             from common.crypto.noise import NOISE_SOURCE
 
@@ -273,7 +298,7 @@ class Site:
         return f"seeded: torch.Generator from seed {self.cfg.seed} (reproducible, not secret)"
 
     def round(self, weights: NDArrays, server_round: int, key_path: Any = None,
-              ledger_run: str | None = None) -> SiteReport:
+              ledger_run: str | None = None, sites_in_sum: int | None = None) -> SiteReport:
         """One round as the site answers the server: train (or replay the reply already
         released for this round and model), sign the ledger record, and save the
         accountant (fsynced) before anything is returned to be sent."""
@@ -282,12 +307,18 @@ class Site:
         received = hash_arrays(weights)
         if self.store is not None:
             cached = self.store.replay(self.run, server_round, received)
+            if cached is not None and self.plan is not None and self.plan.distributed:
+                raise PathFedError(
+                    f"{self.name}: round {server_round} was already answered from this "
+                    "model; with distributed DP a site never sends a second vector for a "
+                    "round (a second sum with other sites' shares could expose the "
+                    "difference): it waits for the next round")
             if cached is not None:
                 log.info("%s: round %d from the same global model again (the server "
                          "restarted): re-sending the reply already released, no new spend",
                          self.name, server_round)
                 return SiteReport(cached["update"], cached["n_samples"], cached["metrics"])
-        report = self.train(weights, server_round)
+        report = self.train(weights, server_round, sites_in_sum)
         if key_path is not None:
             report.metrics[LEDGER_METRIC] = self.signed_record(
                 report, weights, server_round, key_path, ledger_run)
@@ -351,8 +382,11 @@ class Site:
                 patch_labels=split == "train")  # annotations train; slides are evaluated
         return bags.to_dataset(self.max_instances)
 
-    def train(self, weights: NDArrays, server_round: int) -> SiteReport:
-        """One local round from the global ``weights``; raise if the budget is spent."""
+    def train(self, weights: NDArrays, server_round: int,
+              sites_in_sum: int | None = None) -> SiteReport:
+        """One local round from the global ``weights``; raise if the budget is spent.
+        ``sites_in_sum``: distributed DP, the fewest sites the round's sum holds (the
+        server's ``dp-min-sites``); by default all ``sites`` less ``secagg-dropout``."""
         if self.plan is not None:
             self.accountant.check_next_round(self.plan, self.name, self.lifetime_budget)
         if len(self.train_set) > self.cfg.secagg_max_weight:
@@ -364,12 +398,17 @@ class Site:
         torch.manual_seed(_seed(self.cfg.seed, self.name, server_round, "init"))
         model = self._model(weights)
         seed = _seed(self.cfg.seed, self.name, server_round) if self.noise == "seeded" else None
-        result = local_train(
-            model, self._dataset("train", server_round),
-            epochs=self.cfg.local_epochs, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
-            optimizer=self.cfg.optimizer, plan=self.plan, accountant=self.accountant, seed=seed,
-            max_grad_norm=self.cfg.max_grad_norm, noise=self.noise,
-        )
+        share = None
+        if self.plan is not None and self.plan.distributed:
+            result, share = self._distributed_step(model, server_round, seed, sites_in_sum)
+        else:
+            result = local_train(
+                model, self._dataset("train", server_round),
+                epochs=self.cfg.local_epochs, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
+                optimizer=self.cfg.optimizer, plan=self.plan, accountant=self.accountant,
+                seed=seed, max_grad_norm=self.cfg.max_grad_norm, noise=self.noise,
+                prox_mu=self.cfg.prox_mu,
+            )
         problem = update_problem(result.update, [tuple(w.shape) for w in weights],
                                  update_bound(self.cfg))
         if problem:
@@ -388,6 +427,12 @@ class Site:
                 max_grad_norm=self.plan.max_grad_norm, epsilon_budget=self.plan.epsilon_budget,
                 can_train_next=self.can_train(),
             )
+        if share is not None:
+            assert self.plan is not None
+            metrics.update(dp_mode="distributed", dim=int(self._plan_inputs["dim"]),
+                           l2_sensitivity=self.plan.l2_sensitivity,
+                           l1_sensitivity=self.plan.l1_sensitivity, noise_sites=share.sites,
+                           share_variance=share.variance)
         if self.cfg.secagg:
             limit = update_bound(self.cfg)
             ratio = min(1.0, result.n_samples / self.cfg.secagg_max_weight)
@@ -401,7 +446,32 @@ class Site:
             # SecAgg+ shifts values by its clipping range before quantising: in float32
             # that shift alone would cost up to half a quantisation step.
             update = [u.astype(np.float64) for u in update]
-        return SiteReport(update, result.n_samples, metrics)
+        return SiteReport(update, result.n_samples, metrics, share)
+
+    def _distributed_step(self, model: torch.nn.Module, server_round: int, seed: int | None,
+                          sites_in_sum: int | None) -> tuple[Any, Any]:
+        """One distributed-DP round: a full-batch step of clipped slide gradients with no
+        noise of its own, recorded in the accountant as one Skellam step of the plan, and
+        the Skellam share the secure sum adds (:mod:`common.privacy.distributed`)."""
+        from common.crypto.quantize import NoiseShare
+        from common.privacy.distributed import min_sites
+
+        plan = self.plan
+        assert plan is not None
+        data = self._dataset("train", server_round)
+        clip_only = dataclasses.replace(plan, noise_multiplier=0.0, mode="local",
+                                        accountant="rdp")
+        result = local_train(model, data, epochs=1, batch_size=len(data), lr=self.cfg.lr,
+                             optimizer="sgd", plan=clip_only, accountant=SiteAccountant(),
+                             seed=seed, noise="seeded")
+        self.accountant.record(plan)
+        result = dataclasses.replace(result, epsilon=self.accountant.epsilon(plan.delta))
+        sites = sites_in_sum or min_sites(self.cfg.sites, self.cfg.secagg_dropout)
+        if sites < 2:
+            raise PathFedError(f"{self.name}: distributed DP needs the sum of two sites at "
+                               f"least; this round's sum may hold {sites}")
+        share_seed = None if seed is None else _seed(seed, "skellam-share")
+        return result, NoiseShare(plan.noise_variance / sites, sites, share_seed)
 
     def evaluate(self, weights: NDArrays) -> tuple[EvalCounts, dict[str, Any]]:
         """Evaluate the global ``weights`` on the site's validation bags."""

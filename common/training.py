@@ -113,6 +113,7 @@ def local_train(
     seed: int | None = None,
     max_grad_norm: float | None = None,
     noise: str = "seeded",
+    prox_mu: float = 0.0,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` for ``epochs``; DP-SGD when ``plan`` is given.
 
@@ -124,6 +125,9 @@ def local_train(
     :func:`common.checks.update_value_bound` (the bound the server checks). ``noise`` names where DP
     noise comes from: ``"csprng"`` draws it from ChaCha20 keyed by the OS
     (:func:`common.privacy.use_csprng_noise`), otherwise from ``generator``.
+    ``prox_mu`` > 0 adds FedProx's proximal gradient ``mu (w - w_start)`` to every step's
+    gradient after DP-SGD has clipped and noised it: it depends on no data, so it costs
+    no privacy (:func:`add_proximal_term`).
     """
     start = get_weights(model)
     generator = torch.Generator()
@@ -147,6 +151,8 @@ def local_train(
         train_model, opt, loader = make_private(
             model, opt, loader, plan, accountant, generator,
             per_sample="vmap" if vmap_grads else "hooks", noise=noise, seeded=seed is not None)
+    if prox_mu > 0:
+        add_proximal_term(opt, params, prox_mu)
     train_model.train()
     losses, steps = [], 0
     with warnings.catch_warnings():
@@ -175,6 +181,23 @@ def local_train(
         update=update, n_samples=len(data), steps=steps,
         loss=float(np.mean(losses)) if losses else float("nan"), epsilon=epsilon,
     )
+
+
+def add_proximal_term(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+                      mu: float) -> None:
+    """FedProx (Li et al. 2020): before each step of ``optimizer`` (the torch optimiser
+    inside Opacus' ``DPOptimizer``, so after clipping and noise), add ``mu (w - w0)`` to
+    the gradient of every parameter, ``w0`` being the weights the round started from."""
+    inner = cast(torch.optim.Optimizer, getattr(optimizer, "original_optimizer", optimizer))
+    anchors = [p.detach().clone() for p in params]
+
+    def hook(*_: Any) -> None:
+        with torch.no_grad():
+            for p, anchor in zip(params, anchors):
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - anchor, alpha=mu)
+
+    inner.register_step_pre_hook(hook)
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ from common.crypto import (
     subtract_masks,
     use_stock_masks,
 )
+from common.privacy.distributed import min_sites
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,13 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
     """
 
     def __init__(self, *, dropout: float = 0.2, num_shares: float = 0.0,
-                 reconstruction_threshold: float = 0.0, **kwargs: Any) -> None:
+                 reconstruction_threshold: float = 0.0, distributed_dp: bool = False,
+                 **kwargs: Any) -> None:
         install_hardened_masks()
+        self.dropout = dropout
+        self.distributed_dp = distributed_dp
+        """Sites add distributed-DP noise shares sized for :func:`min_sites` of the
+        sampled sites: a sum of fewer is never unmasked."""
         self._choose = partial(choose_shares, dropout=dropout, num_shares=num_shares,
                                threshold=reconstruction_threshold)
         # Flower checks these before each round; setup_stage replaces them per round
@@ -170,6 +176,14 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
         return ok
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        if self.distributed_dp:
+            needed = min_sites(len(state.sampled_node_ids), self.dropout)
+            if len(state.active_node_ids) < needed:
+                log.warning("SecAgg+: %d of %d sites sent masked vectors; their noise shares "
+                            "are sized for a sum of %d at least (distributed DP), so this "
+                            "sum is not unmasked: no update this round",
+                            len(state.active_node_ids), len(state.sampled_node_ids), needed)
+                return False
         cfg = context.state.config_records[MAIN_CONFIGS_RECORD]
         token = mask_round.set(int(cast(int, cfg[WorkflowKey.CURRENT_ROUND])))
         try:
@@ -264,4 +278,5 @@ def make_secagg_workflow(cfg: FederationConfig) -> HardenedSecAggPlusWorkflow:
         clipping_range=clipping,
         quantization_range=cfg.secagg_quantization_range,
         timeout=cfg.timeout,
+        distributed_dp=cfg.dp and cfg.dp_mode == "distributed",
     )

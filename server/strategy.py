@@ -33,6 +33,7 @@ from flwr.server.strategy import FedAvg
 
 from common.config import FederationConfig
 from common.ledger import Ledger
+from common.privacy.distributed import min_sites
 from common.rounds import FederationAborted, RoundBook, weighted_mean
 from common.runs import RunFolder
 
@@ -122,7 +123,12 @@ class PathFedStrategy(FedAvg):
             chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), count, replace=False))]
         book.start_round(rnd, [self.node_site.get(p.node_id, f"node-{p.node_id}")
                                for p in chosen])
-        return [(p, FitIns(parameters, self._config(rnd))) for p in chosen]
+        config = self._config(rnd)
+        if self.cfg.dp and self.cfg.dp_mode == "distributed":
+            # every site sizes its noise share for the fewest sites the sum may hold;
+            # server/secagg.py refuses to unmask a sum of fewer
+            config["dp-min-sites"] = min_sites(len(chosen), self.cfg.secagg_dropout)
+        return [(p, FitIns(parameters, config)) for p in chosen]
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:

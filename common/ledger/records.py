@@ -205,6 +205,25 @@ def site_round_record(
         "site_prev": previous,
         "run": run,
         "noise": noise,
+        **_distributed_fields(p, metrics),
+    }
+
+
+def _distributed_fields(plan: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+    """A distributed-DP round's noise and trust, for the auditor (nothing in local mode)."""
+    if plan is None or getattr(plan, "mode", "local") != "distributed":
+        return {}
+    return {
+        "dp_mode": "distributed",
+        "dim": int(metrics.get("dim", 0)),
+        "l2_sensitivity": float(plan.l2_sensitivity),
+        "l1_sensitivity": float(plan.l1_sensitivity),
+        "noise_sites": int(metrics.get("noise_sites", 0)),
+        "share_variance": float(metrics.get("share_variance", 0.0)),
+        "trust": "Skellam shares complete only in SecAgg+'s sum: private against a server "
+                 "that follows SecAgg+ (semi-honest) while fewer parties than its "
+                 "reconstruction threshold collude, with at least noise_sites sites in "
+                 "each unmasked sum",
     }
 
 

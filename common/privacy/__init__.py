@@ -10,7 +10,6 @@ cumulative.
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import logging
@@ -74,13 +73,50 @@ def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
     if not history:
         return 0.0
     rdp = sum(_rdp_per_step(float(q), float(sigma)) * steps for sigma, q, steps in history)
-    eps, _ = privacy_analysis.get_privacy_spent(orders=RDP_ALPHAS, rdp=rdp, delta=delta)
+    return spent(RDP_ALPHAS, rdp, delta)
+
+
+def spent(orders: list[Any], rdp: Any, delta: float) -> float:
+    """Opacus' RDP to ``(epsilon, delta)`` conversion, over ``orders``. Few steps have
+    their optimum below the smallest order: the bound then holds, a little loosely, and
+    Opacus' warning about it says nothing the caller can act on."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the (smallest|largest)")
+        eps, _ = privacy_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     return float(eps)
 
 
-def _epsilon(accountant: Any, delta: float) -> float:
-    if accountant.mechanism() == "rdp":
-        return rdp_epsilon(list(accountant.history), delta)
+def history_epsilon(history: list[tuple[float, ...]], delta: float,
+                    mechanism: str = "rdp") -> float:
+    """Epsilon at ``delta`` of an accountant's entries, by ``mechanism``'s accountant.
+
+    Entries are Opacus' ``(noise_multiplier, sample_rate, steps)`` of DP-SGD (local DP),
+    or ``(noise_multiplier, 1.0, steps, l2, l1)`` of the Skellam mechanism (distributed
+    DP, :mod:`common.privacy.distributed`). A history holding Skellam entries (alone, or
+    beside earlier local-DP runs of the same site) is composed in RDP at the integer
+    orders of :data:`~common.privacy.distributed.INT_ALPHAS`: Opacus' subsampled
+    Gaussian RDP for DP-SGD entries, the Skellam bound for the others.
+    """
+    if not history:
+        return 0.0
+    if any(len(h) == 5 for h in history):
+        from common.privacy.distributed import INT_ALPHAS, skellam_entry_rdp
+
+        rdp = np.zeros(len(INT_ALPHAS))
+        for entry in history:
+            if len(entry) == 5:
+                rdp += skellam_entry_rdp(tuple(entry))
+            else:
+                sigma, q, steps = entry
+                rdp += np.asarray(privacy_analysis.compute_rdp(
+                    q=q, noise_multiplier=sigma, steps=int(steps), orders=INT_ALPHAS))
+        return spent(INT_ALPHAS, rdp, delta)
+    if mechanism == "rdp":
+        return rdp_epsilon([(float(a), float(b), int(c)) for a, b, c in history], delta)
+    accountant = create_accountant(mechanism)
+    accountant.history = [tuple(h) for h in history]
     return float(accountant.get_epsilon(delta=delta))
 
 
@@ -97,9 +133,33 @@ class DPPlan:
     delta: float
     accountant: str
     planned_rounds: int
+    mode: str = "local"
+    """``local`` (DP-SGD noise at the site) or ``distributed`` (a Skellam share, summed by
+    SecAgg+; :mod:`common.privacy.distributed`)."""
+    l2_sensitivity: float = 0.0
+    """Distributed: one slide's L2 sensitivity on the quantised vector (integer units)."""
+    l1_sensitivity: float = 0.0
+    """Distributed: its L1 sensitivity."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def distributed(self) -> bool:
+        return self.mode == "distributed"
+
+    def entry(self, steps: int | None = None) -> tuple[float, ...]:
+        """The accountant's entry for ``steps`` steps (one round's by default)."""
+        steps = self.steps_per_round if steps is None else steps
+        if self.distributed:
+            return (self.noise_multiplier, self.sample_rate, steps, self.l2_sensitivity,
+                    self.l1_sensitivity)
+        return (self.noise_multiplier, self.sample_rate, steps)
+
+    @property
+    def noise_variance(self) -> float:
+        """Distributed: the per-coordinate variance of the summed Skellam noise."""
+        return (self.noise_multiplier * self.l2_sensitivity) ** 2
 
 
 @functools.lru_cache(maxsize=64)
@@ -162,10 +222,17 @@ def restore_plan(saved: Any, n_train: int, **settings: Any) -> DPPlan | None:
         return None
     try:
         plan = DPPlan(**saved["plan"])
-        expected = plan_layout(n_train, settings["batch_size"], settings["local_epochs"])
+        if settings.get("mode", "local") == "distributed":
+            expected = (1.0, 1)
+            sensitivity = distributed_sensitivity(settings)
+        else:
+            expected = plan_layout(n_train, settings["batch_size"], settings["local_epochs"])
+            sensitivity = (0.0, 0.0)
     except (KeyError, TypeError):
         return None
     if ((plan.sample_rate, plan.steps_per_round) != expected
+            or (plan.mode, plan.l2_sensitivity, plan.l1_sensitivity) != (
+                settings.get("mode", "local"), *sensitivity)
             or (plan.max_grad_norm, plan.epsilon_budget, plan.delta, plan.accountant,
                 plan.planned_rounds) != (settings["max_grad_norm"], settings["epsilon"],
                                          settings["delta"], settings["accountant"],
@@ -173,12 +240,54 @@ def restore_plan(saved: Any, n_train: int, **settings: Any) -> DPPlan | None:
             or not 0 < plan.noise_multiplier <= settings["max_noise_multiplier"]):
         return None
     if plan.noise_multiplier < settings["max_noise_multiplier"]:
-        planned = independent_epsilon(
-            [(plan.noise_multiplier, plan.sample_rate,
-              plan.planned_rounds * plan.steps_per_round)], plan.delta, plan.accountant)
+        planned = history_epsilon([plan.entry(plan.planned_rounds * plan.steps_per_round)],
+                                  plan.delta, plan.accountant)
         if not within_budget(planned, plan.epsilon_budget):
             return None
     return plan
+
+
+def distributed_sensitivity(settings: dict[str, Any]) -> tuple[float, float]:
+    """``(Delta_2, Delta_1)`` of a distributed plan's settings."""
+    from common.privacy.distributed import integer_sensitivity
+
+    return integer_sensitivity(
+        int(settings["dim"]), lr=settings["lr"], max_grad_norm=settings["max_grad_norm"],
+        max_weight=settings["max_weight"], quantization_range=settings["quantization_range"],
+        clipping_range=settings["clipping_range"])
+
+
+@functools.lru_cache(maxsize=64)
+def plan_distributed(
+    n_train: int, *, rounds: int, epsilon: float, delta: float, max_grad_norm: float,
+    max_noise_multiplier: float, lr: float, dim: int, max_weight: float,
+    quantization_range: int, clipping_range: float, accountant: str = "skellam",
+    mode: str = "distributed", batch_size: int = 0, local_epochs: int = 0,
+) -> DPPlan:
+    """A distributed-DP plan: one full-batch step per round, Skellam noise in the sum
+    calibrated so that ``rounds`` rounds spend at most ``epsilon`` at ``delta``
+    (:mod:`common.privacy.distributed`). ``batch_size`` and ``local_epochs`` are accepted
+    (the settings of a local plan) and unused: the step takes every training slide."""
+    from common.privacy.distributed import calibrate_sigma
+
+    if n_train < 1:
+        raise ConfigError("site has no training slides: nothing to train on")
+    if delta >= 1.0 / n_train:
+        raise ConfigError(
+            f"delta: {delta:g} is not below 1/n = 1/{n_train} (n training slides at this "
+            f"site); use delta < {1.0 / n_train:.2g}")
+    l2, l1 = distributed_sensitivity(dict(
+        dim=dim, lr=lr, max_grad_norm=max_grad_norm, max_weight=max_weight,
+        quantization_range=quantization_range, clipping_range=clipping_range))
+    sigma = calibrate_sigma(epsilon, delta, rounds, l2, l1, max_noise_multiplier)
+    if sigma >= max_noise_multiplier:
+        log.warning("budget epsilon=%g needs a noise multiplier above max-noise-multiplier %g "
+                    "over %d rounds: training with %g, so the budget runs out early",
+                    epsilon, max_noise_multiplier, rounds, max_noise_multiplier)
+    return DPPlan(sample_rate=1.0, steps_per_round=1, noise_multiplier=float(sigma),
+                  max_grad_norm=max_grad_norm, epsilon_budget=epsilon, delta=delta,
+                  accountant="skellam", planned_rounds=rounds, mode="distributed",
+                  l2_sensitivity=l2, l1_sensitivity=l1)
 
 
 def plan_layout(n_train: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
@@ -192,20 +301,27 @@ class SiteAccountant:
 
     def __init__(self, mechanism: str = "rdp", state: dict[str, Any] | None = None) -> None:
         self.mechanism = mechanism
-        self.accountant = create_accountant(mechanism)
+        # Skellam entries are composed by :func:`history_epsilon`; Opacus' RDP accountant
+        # only keeps them (it is the accountant Opacus' engine records DP-SGD steps in)
+        self.accountant = create_accountant("rdp" if mechanism == "skellam" else mechanism)
         if state:
             self.accountant.load_state_dict({
                 "history": [tuple(h) for h in state["history"]],
                 "mechanism": self.accountant.mechanism(),
             })
-        self.prior: list[tuple[float, float, int]] = []
+        self.prior: list[tuple[float, ...]] = []
         """Steps of the site's *other* runs (the site's store sets them): they count
         towards its lifetime budget."""
 
     @property
-    def history(self) -> list[tuple[float, float, int]]:
-        """``(noise_multiplier, sample_rate, steps)`` entries, as Opacus keeps them."""
+    def history(self) -> list[tuple[float, ...]]:
+        """``(noise_multiplier, sample_rate, steps)`` entries, as Opacus keeps them (and
+        the Skellam entries of distributed DP, :meth:`DPPlan.entry`)."""
         return list(self.accountant.history)
+
+    def record(self, plan: DPPlan, steps: int | None = None) -> None:
+        """Record steps of ``plan`` taken outside Opacus' engine (a distributed round)."""
+        self.accountant.history.append(plan.entry(steps))
 
     @property
     def steps(self) -> int:
@@ -213,22 +329,18 @@ class SiteAccountant:
 
     def epsilon(self, delta: float) -> float:
         """Cumulative epsilon at ``delta`` over every step taken so far."""
-        if not self.accountant.history:
-            return 0.0
-        return _epsilon(self.accountant, delta)
+        return history_epsilon(self.history, delta, self.mechanism)
 
     def projected_epsilon(self, plan: DPPlan) -> float:
         """Epsilon after one more round of ``plan`` (the accountant itself is untouched)."""
-        trial = copy.deepcopy(self.accountant)
-        trial.history.append((plan.noise_multiplier, plan.sample_rate, plan.steps_per_round))
-        return _epsilon(trial, plan.delta)
+        return history_epsilon(self.history + [plan.entry()], plan.delta, self.mechanism)
 
     def lifetime_epsilon(self, delta: float, plan: DPPlan | None = None) -> float:
         """Epsilon of everything the site has spent, in this run and every earlier one
         (plus one more round of ``plan`` when given)."""
         history = self.prior + self.history
         if plan is not None:
-            history.append((plan.noise_multiplier, plan.sample_rate, plan.steps_per_round))
+            history.append(plan.entry())
         return independent_epsilon(history, delta, self.mechanism)
 
     def check_next_round(self, plan: DPPlan, site: str,
@@ -264,7 +376,7 @@ class SiteAccountant:
         return cls(data.get("mechanism", mechanism), data)
 
 
-def opacus_rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+def opacus_rdp_epsilon(history: list[tuple[float, ...]], delta: float) -> float:
     """Epsilon of a schedule from a fresh Opacus ``RDPAccountant`` (no PathFed cache in
     between), at :data:`RDP_ALPHAS`: what an auditor recomputes."""
     accountant = RDPAccountant()
@@ -333,14 +445,13 @@ def use_csprng_noise(optimizer: Any) -> None:
 
 
 def independent_epsilon(
-    history: list[tuple[float, float, int]], delta: float, mechanism: str = "rdp"
+    history: list[tuple[float, ...]], delta: float, mechanism: str = "rdp"
 ) -> float:
     """Recompute epsilon from a logged schedule with a fresh accountant (for audits)."""
-    accountant = create_accountant(mechanism)
-    accountant.history = [tuple(h) for h in history]
-    return _epsilon(accountant, delta) if history else 0.0
+    return history_epsilon([tuple(h) for h in history], delta, mechanism)
 
 
-__all__ = ["BUDGET_SLACK", "RDP_ALPHAS", "DPPlan", "SiteAccountant", "independent_epsilon",
-           "make_private", "opacus_rdp_epsilon", "plan_site", "rdp_epsilon", "restore_plan",
+__all__ = ["BUDGET_SLACK", "RDP_ALPHAS", "DPPlan", "SiteAccountant", "history_epsilon",
+           "independent_epsilon", "make_private", "opacus_rdp_epsilon", "plan_distributed",
+           "plan_site", "rdp_epsilon", "restore_plan",
            "use_csprng_noise", "within_budget"]
