@@ -22,6 +22,7 @@ from cli import (
     consortium,
     finetune,
     models,
+    plan,
     predict,
     prepare,
     server,
@@ -32,7 +33,7 @@ from common.errors import ConfigError, DataError, PathFedError, UnknownModelErro
 from common.logs import setup_logging
 
 COMMANDS = (simulate, prepare, predict, finetune, consortium, server, audit, checkpoint,
-            models)
+            models, plan)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,6 +40,9 @@ in_secure_round: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "pathfed_in_secure_round", default=False)
 """True while Flower's SecAgg+ mod handles a message: a distributed-DP update may only
 leave the site inside it (masked, with its noise share)."""
+_expect_share: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "pathfed_expect_share", default=False)
+"""The message trains a distributed-DP round: its quantised vector must get a share."""
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,9 @@ def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
     token = mask_round.set(int(msg.metadata.group_id or 0))
     secure = in_secure_round.set(True)
     share = pending_share.set(None)
+    fit = msg.content.config_records.get("fitins.config")
+    expect = _expect_share.set(bool(
+        fit is not None and fit.get("dp-mode") == "distributed" and fit.get("dp")))
     seed = quantiser_seed(msg, ctxt)
     saved = np.random.get_state() if seed is not None else None
     if seed is not None:
@@ -115,6 +121,7 @@ def secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
         mask_round.reset(token)
         in_secure_round.reset(secure)
         pending_share.reset(share)
+        _expect_share.reset(expect)
         if saved is not None:
             np.random.set_state(saved)
 
@@ -124,8 +131,11 @@ def quantize(parameters: list[np.ndarray], clipping_range: float,
     """Flower's quantiser (:func:`common.crypto.quantize.quantize`), then, in a
     distributed-DP round, the site's Skellam share added to the quantised vector (before
     Flower adds the masks; :mod:`common.privacy.distributed`)."""
-    vector = _quantize(parameters, clipping_range, target_range)
     share = pending_share.get()
+    if share is None and _expect_share.get():
+        raise RuntimeError("distributed DP: this round's update reached the SecAgg+ quantiser "
+                           "without its noise share; nothing is sent")
+    vector = _quantize(parameters, clipping_range, target_range)
     if share is not None:
         pending_share.set(None)
         vector = add_share(vector, share)

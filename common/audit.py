@@ -398,8 +398,14 @@ def _audit_site(name: str, entries: list[dict[str, Any]], report: AuditReport,
             entry = skellam
         history.append(entry)
         claimed = rec.get("epsilon")
-        audit.curve.append({"round": rec.get("round"), "claimed": claimed,
-                            "rdp": history_epsilon(history, float(audit.delta or 0))})
+        point = {"round": rec.get("round"), "claimed": claimed,
+                 "rdp": history_epsilon(history, float(audit.delta or 0))}
+        if audit.accountant == "prv" and not distributed:
+            try:
+                point["prv"] = history_epsilon(history, float(audit.delta or 0), "prv")
+            except (ValueError, RuntimeError):
+                pass  # reported with the final PRV value below
+        audit.curve.append(point)
     delta = float(audit.delta or 0.0)
     n = int(last.get("n_samples") or 0)
     if not 0 < delta < 1:
@@ -430,8 +436,13 @@ def _audit_site(name: str, entries: list[dict[str, Any]], report: AuditReport,
             audit.problems.append(
                 f"round {point['round']}: claimed epsilon {c:.6g} but its schedule gives "
                 f"{point['rdp']:.6g} (RDP, relative tolerance {RDP_REL_TOLERANCE:g})")
-    if mech == "prv" and audit.claimed is not None and audit.prv is not None and abs(
-            float(audit.claimed) - audit.prv) > PRV_TOLERANCE:
+        elif mech == "prv" and "prv" in point and abs(float(c) - point["prv"]) > PRV_TOLERANCE:
+            audit.problems.append(
+                f"round {point['round']}: claimed epsilon {c:.6g} but its schedule gives "
+                f"{point['prv']:.6g} (PRV, tolerance {PRV_TOLERANCE:g})")
+    if mech == "prv" and not all("prv" in p for p in audit.curve) and (
+            audit.claimed is not None and audit.prv is not None
+            and abs(float(audit.claimed) - audit.prv) > PRV_TOLERANCE):
         audit.problems.append(f"claimed epsilon {audit.claimed:.4g} but its schedule gives "
                               f"{audit.prv:.4g} (PRV, tolerance {PRV_TOLERANCE:g})")
     budget = audit.budget

@@ -141,7 +141,9 @@ class FederationConfig(BaseModel):
         description="Largest noise multiplier a site accepts; a budget that needs more "
         "runs out before the planned rounds.",
     )
-    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant.")
+    accountant: Literal["rdp", "prv"] = Field(
+        "prv", description="Opacus accountant of local DP: prv (the tightest; a site whose "
+        "schedule PRV cannot compose stably falls back to rdp) or rdp.")
     dp_mode: Literal["local", "distributed"] = Field(
         "local", description="local: every site adds its own full DP-SGD noise; "
         "distributed: each site takes one full-batch clipped step per round and adds a "

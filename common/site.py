@@ -208,10 +208,6 @@ class Site:
         self.train_set = self.data.train.by_patient()
         self.max_instances = max([self.data.max_instances]
                                  + [b.shape[0] for b in self.train_set.bags])
-        self.accountant = SiteAccountant.from_json((state or {}).get("accountant"),
-                                                   cfg.accountant)
-        if store is not None:
-            self.accountant.prior = store.prior_history(self.run)
         self.ledger_prev: str | None = (state or {}).get("ledger_prev")
         self.plan: DPPlan | None = None
         self._plan_inputs: dict[str, Any] = {}
@@ -233,6 +229,12 @@ class Site:
             self.plan = (restore_plan((state or {}).get("plan"), len(self.train_set),
                                       **self._plan_inputs)
                          or planner(len(self.train_set), **self._plan_inputs))
+        # the plan's accountant: Skellam for distributed DP, RDP where PRV is unstable
+        self.accountant = SiteAccountant.from_json(
+            (state or {}).get("accountant"),
+            self.plan.accountant if self.plan is not None else cfg.accountant)
+        if store is not None:
+            self.accountant.prior = store.prior_history(self.run)
 
     def trainable_dim(self) -> int:
         """Coordinates of the model this site trains (its frozen ones never move)."""
@@ -271,7 +273,7 @@ class Site:
 
         record = site_round_record(
             report, received, server_round=server_round, site=self.name, plan=self.plan,
-            accountant=self.cfg.accountant, privacy_unit=cast(Any, self.privacy_unit),
+            accountant=self.accountant.mechanism, privacy_unit=cast(Any, self.privacy_unit),
             secagg=self.cfg.secagg, mask_generator=MASK_GENERATOR if self.cfg.secagg else None,
             previous=self.ledger_prev, run=ledger_run, noise=self.noise_source)
         key = key_path if isinstance(key_path, SigningKey) else SigningKey.load(key_path)

@@ -247,8 +247,10 @@ def train_flower(cfg: FederationConfig, folder: Path, run: Path) -> tuple[list[n
 
 
 def run_row(row: str, data: Path, out: Path, cfg: FederationConfig, folds: int, repeats: int,
-            epsilon: float | None) -> dict[str, Any]:
-    """Train and test ``row`` on every fold; the per-fold results."""
+            epsilon: float | None, overrides: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train and test ``row`` on every fold; the per-fold results. ``overrides``: settings
+    that change this row from the table's configuration (``--set``: a strategy, the DP
+    mode), named in the row's file, label and command."""
     from rich.progress import Progress
 
     from common.site import model_kind
@@ -260,7 +262,14 @@ def run_row(row: str, data: Path, out: Path, cfg: FederationConfig, folds: int, 
     cfg = cfg.model_copy(update={
         "dp": dp, "secagg": row == "dp-secagg", "sites": HOSPITALS,
         **({"epsilon": float(epsilon)} if dp and epsilon is not None else {})})
-    name = f"{row}-eps{cfg.epsilon:g}" if dp else row
+    overrides = dict(overrides or {})
+    if overrides:
+        # distributed DP is SecAgg+'s arithmetic: the in-process runner computes its sum
+        secagg = {"secagg": True} if overrides.get("dp-mode") == "distributed" else {}
+        cfg = FederationConfig.from_mapping({**cfg.to_run_config(), **secagg, **overrides},
+                                            "--set")
+    name = (f"{row}-eps{cfg.epsilon:g}" if dp else row) + "".join(
+        f"-{k}={v}" for k, v in sorted(overrides.items()))
     results: list[dict[str, Any]] = []
     start = time.perf_counter()
     jobs: list[tuple[int, int | None, FederationConfig, list[Path]]] = []
@@ -291,11 +300,14 @@ def run_row(row: str, data: Path, out: Path, cfg: FederationConfig, folds: int, 
             results.append({**where, **metrics, **({} if row == "hospitals" else
                                                    {"epsilon": eps if dp else None})})
             bar.advance(task)
-    summary = {"row": row, "name": name, "dp": dp, "secagg": cfg.secagg,
+    summary = {"row": row, "name": name, "dp": dp, "secagg": row == "dp-secagg",
                "epsilon": cfg.epsilon if dp else None, "delta": cfg.delta if dp else None,
                "folds": folds, "repeats": repeats, "encoder": cfg.encoder,
                "patch_size": cfg.patch_size, "config": cfg.to_run_config(),
-               "engine": "Flower simulation + SecAgg+" if cfg.secagg else "in-process FedAvg",
+               "engine": "Flower simulation + SecAgg+" if row == "dp-secagg" else (
+                   "in-process, SecAgg+'s modular sum (common.crypto.quantize.secure_sum)"
+                   if cfg.secagg else "in-process FedAvg"),
+               "overrides": overrides,
                "wall_s": round(time.perf_counter() - start, 1), "results": results,
                **_mean_std(results)}
     (out / f"{name}.json").write_text(json.dumps(summary, indent=1))
@@ -322,17 +334,33 @@ LABELS = {"central": "Central (one site, all training images)",
 
 
 def _label(summary: dict[str, Any]) -> str:
+    overrides = dict(summary.get("overrides") or {})
+    mode = overrides.pop("dp-mode", "local")
+    strategy = {"fedavg": "FedAvg", "fedavgm": "FedAvgM", "fedadam": "FedAdam",
+                "fedyogi": "FedYogi", "fedadagrad": "FedAdagrad"}[
+        overrides.pop("server-optimizer", "fedavg")]
+    if "prox-mu" in overrides:
+        strategy = f"FedProx (mu {overrides.pop('prox-mu')})" if strategy == "FedAvg" else (
+            f"{strategy} + FedProx (mu {overrides.pop('prox-mu')})")
+    extra = "".join(f", {k} {v}" for k, v in sorted(overrides.items()))
     if summary["dp"]:
         engine = " + SecAgg+ (Flower)" if summary["secagg"] else ""
-        return f"Federated + DP, eps {summary['epsilon']:g} per hospital{engine}"
-    return LABELS[summary["row"]]
+        kind = "distributed DP" if mode == "distributed" else "local DP"
+        if mode != "distributed" and (summary.get("config") or {}).get("accountant") == "rdp":
+            kind += " (RDP accountant)"  # rows made before PRV was the default
+        return (f"Federated ({strategy}) + {kind}, eps {summary['epsilon']:g} per "
+                f"hospital{engine}{extra}")
+    if summary["row"] == "federated":
+        return f"Federated, 5 hospitals ({strategy}, no DP){extra}"
+    return LABELS[summary["row"]] + extra
 
 
 def table(out: Path, results_md: Path | None) -> str:
     """The markdown table of every row in ``out``, the paper's numbers first; the plot."""
     rows = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     order = {r: i for i, r in enumerate(ROWS)}
-    rows.sort(key=lambda s: (order[s["row"]], s["epsilon"] or 0))
+    rows.sort(key=lambda s: (order[s["row"]], s["epsilon"] or 0,
+                             json.dumps(s.get("overrides") or {}, sort_keys=True)))
     lines = ["| setting | accuracy | AUC | sd of repeat means (acc / AUC) | folds x repeats "
              "| command |", "|---|---|---|---|---|---|"]
     for label, m in PAPER.items():
@@ -340,6 +368,7 @@ def table(out: Path, results_md: Path | None) -> str:
                      f"{m['auc'][0]:.3f} ± {m['auc'][1]:.3f} | | | |")
     for s in rows:
         eps = f" --epsilon {s['epsilon']:g}" if s["dp"] else ""
+        eps += "".join(f" --set {k}={v}" for k, v in sorted((s.get("overrides") or {}).items()))
         lines.append(
             f"| {_label(s)} | {s['accuracy'][0]:.3f} ± {s['accuracy'][1]:.3f} | "
             f"{s['auc'][0]:.3f} ± {s['auc'][1]:.3f} | {s['accuracy_repeat_sd']:.3f} / "
@@ -359,25 +388,43 @@ def table(out: Path, results_md: Path | None) -> str:
     return text
 
 
+def _series(summary: dict[str, Any]) -> str:
+    """A DP row's curve in the plot: its mode, strategy and engine (all but epsilon)."""
+    overrides = dict(summary.get("overrides") or {})
+    kind = "distributed DP" if overrides.pop("dp-mode", "local") == "distributed" else "local DP"
+    engine = " + SecAgg+ (Flower)" if summary["secagg"] else ""
+    strategy = overrides.pop("server-optimizer", "fedavg")
+    if "prox-mu" in overrides:
+        strategy += " + FedProx"
+    return f"{kind}, {strategy}{engine}"
+
+
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for secagg, marker, shift, label in ((False, "o", 1.0, "federated + DP"),
-                                         (True, "s", 1.06, "federated + DP + SecAgg+")):
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    series = sorted({_series(s) for s in rows if s["dp"]})
+    markers = "osD^v<>p*h"
+    for i, name in enumerate(series):
         pts = sorted((s["epsilon"], s["auc"][0], s["auc_repeat_sd"]) for s in rows
-                     if s["dp"] and s["secagg"] == secagg)
-        if pts:
-            ax.errorbar([p[0] * shift for p in pts], [p[1] for p in pts],
-                        yerr=[p[2] for p in pts], marker=marker, capsize=3, label=label)
+                     if s["dp"] and _series(s) == name)
+        shift = 1.0 + 0.04 * (i - (len(series) - 1) / 2)
+        ax.errorbar([p[0] * shift for p in pts], [p[1] for p in pts],
+                    yerr=[p[2] for p in pts], marker=markers[i % len(markers)], capsize=3,
+                    label=name)
+    colours = {"central": "k", "hospitals": "tab:red", "federated": "tab:green"}
     for s in rows:
-        if not s["dp"]:
+        if not s["dp"] and not s.get("overrides"):
             ax.axhline(s["auc"][0], linestyle="--", linewidth=1, label=LABELS[s["row"]],
-                       color={"central": "k", "hospitals": "tab:red",
-                              "federated": "tab:green"}[s["row"]])
+                       color=colours[s["row"]])
+    best = max((s for s in rows if s["row"] == "federated"), key=lambda s: s["auc"][0],
+               default=None)
+    if best is not None and best.get("overrides"):
+        ax.axhline(best["auc"][0], linestyle="-.", linewidth=1, color="tab:olive",
+                   label=f"{_label(best)} (best federated)")
     gated = PAPER["Ilse et al. 2018, gated attention-MIL, CNN trained end to end (paper)"]
     ax.axhline(gated["auc"][0], linestyle=":", color="tab:purple", linewidth=1,
                label="Ilse et al. 2018, gated attention (paper, central)")
@@ -389,8 +436,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("epsilon per hospital (delta 1e-5, one image = one DP sample)")
     ax.set_ylabel("test AUC (bars: sd of repeat means)")
     ax.set_title("UCSB breast, gated attention-MIL, 5 hospitals")
-    ax.set_ylim(0.25, 0.9)
-    ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
+    ax.set_ylim(0.25, 0.95)
+    ax.legend(fontsize=6, loc="lower right", framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -429,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     protocol_arguments(parser, "results/paper")
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--epsilon", type=float, help="per-hospital budget (dp rows)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting that changes this row (repeatable), e.g. --set "
+                        "dp-mode=distributed --set server-optimizer=fedadam")
     parser.add_argument("--stain-normalize", choices=["none", "macenko", "reinhard"],
                         help="stain-normalise every patch before the encoder (default: the "
                         "config's, none)")
@@ -441,8 +491,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = FederationConfig.from_mapping(load_config_file(args.config), str(args.config))
     if args.stain_normalize:
         cfg = cfg.model_copy(update={"stain_normalize": args.stain_normalize})
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = value.strip()
     summary = run_row(args.row, args.data, args.out, cfg, args.folds, args.repeats,
-                      args.epsilon)
+                      args.epsilon, overrides)
     print(f"{_label(summary)}: accuracy {summary['accuracy'][0]:.3f} ± "
           f"{summary['accuracy'][1]:.3f}, AUC {summary['auc'][0]:.3f} ± "
           f"{summary['auc'][1]:.3f} ({len(summary['results'])} runs, {summary['wall_s']} s)")

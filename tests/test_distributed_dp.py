@@ -150,6 +150,15 @@ def test_client_seam_adds_the_pending_share_to_flowers_quantised_vector() -> Non
         pending_share.reset(token)
     expected = (plain[0].astype(np.int64) + share.draw([(3, 4)])[0]) % MODULUS
     np.testing.assert_array_equal(noisy[0], expected)
+    # a distributed-DP round whose share did not reach the quantiser sends nothing
+    from client.secagg import _expect_share
+
+    token = _expect_share.set(True)
+    try:
+        with pytest.raises(RuntimeError, match="without its noise share"):
+            seam_quantize(update, 0.5, 2**22)
+    finally:
+        _expect_share.reset(token)
 
 
 def test_dropout_rule_sizes_shares_for_the_survivors() -> None:

@@ -70,7 +70,7 @@ def test_site_record_holds_the_schedule(good_run: Path) -> None:
                 "steps", "accountant", "epsilon", "delta", "epsilon_budget", "n_samples",
                 "privacy_unit", "bytes_sent", "sent", "mask_generator"):
         assert key in rec, key
-    assert rec["privacy_unit"] == "slide" and rec["accountant"] == "rdp"
+    assert rec["privacy_unit"] == "slide" and rec["accountant"] == "prv"  # the default
     assert rec["sent"]["update"] == "plain"  # in-process FedAvg says so honestly
     assert set(rec["sent"]["metrics"].values()) <= {"int", "float", "bool", "str"}
     start = report.records("run-start")[0]["record"]

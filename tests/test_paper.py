@@ -68,7 +68,7 @@ def test_rows_run_on_the_same_folds_and_make_the_table(tmp_path: Path, images: P
     results = tmp_path / "RESULTS.md"
     results.write_text(f"# R\n{paper.START}\nOLD-TABLE\n{paper.END}\ntail\n")
     text = paper.table(out, results)
-    assert "Federated + DP, eps 3 per hospital" in text and "Central" in text
+    assert "Federated (FedAvg) + local DP, eps 3 per hospital" in text and "Central" in text
     assert "hospital 4 alone" in text
     doc = results.read_text()
     assert "OLD-TABLE" not in doc and doc.endswith("tail\n") and text in doc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
@@ -87,7 +89,8 @@ def test_delta_must_be_below_one_over_n() -> None:
 
 
 def test_accountant_survives_rounds_through_its_saved_state() -> None:
-    cfg = FederationConfig(synthetic_bags=60, rounds=3, batch_size=8, epsilon=5.0)
+    cfg = FederationConfig(synthetic_bags=60, rounds=3, batch_size=8, epsilon=5.0,
+                           accountant="rdp")  # checked below against Opacus' RDP by hand
     state = None
     epsilons = []
     for rnd in range(1, 4):
@@ -175,3 +178,27 @@ def test_frozen_parameters_get_no_update_under_dp(model: str, frozen: tuple[str,
     with pytest.raises(ConfigError, match="freezes every parameter"):
         initial_model(cfg.model_copy(update={"freeze": ",".join(
             sorted({n.split(".")[0] for n in names}))}))
+
+
+def test_planner_calibrates_every_layout_with_the_sites_own_accountant() -> None:
+    from common.privacy.planner import plan_candidates
+
+    cfg = FederationConfig(epsilon=3.0, rounds=10, accountant="rdp", delta=1e-3)
+    found = plan_candidates(cfg, 6, epochs=(1, 3))
+    assert len(found) == len({(c.batch_size, c.local_epochs) for c in found}) == 4 * 2
+    for c in found:
+        assert c.plan == plan_site(6, batch_size=c.batch_size, local_epochs=c.local_epochs,
+                                   rounds=10, epsilon=3.0, delta=1e-3, max_grad_norm=1.0,
+                                   max_noise_multiplier=20.0, accountant="rdp")
+        assert c.epsilon <= 3.0 * (1 + 1e-9) or c.capped
+        assert c.snr == pytest.approx(math.sqrt(c.steps) * c.batch / c.plan.noise_multiplier)
+    assert [c.snr for c in found if not c.capped] == sorted(
+        (c.snr for c in found if not c.capped), reverse=True)
+    # a budget no layout can keep at the noise cap is flagged, not hidden
+    tight = plan_candidates(FederationConfig(epsilon=0.5, rounds=50, accountant="rdp", delta=1e-3,
+                                             max_noise_multiplier=2.0), 2, epochs=(1,))
+    assert all(c.capped for c in tight)
+    dist = plan_candidates(FederationConfig(epsilon=3.0, rounds=10, dp_mode="distributed"),
+                           40, sites=4, dim=500)
+    assert len(dist) == 1 and dist[0].plan.distributed and dist[0].batch == 160
+    assert dist[0].epsilon <= 3.0 * (1 + 1e-9)

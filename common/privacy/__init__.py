@@ -115,9 +115,31 @@ def history_epsilon(history: list[tuple[float, ...]], delta: float,
         return spent(INT_ALPHAS, rdp, delta)
     if mechanism == "rdp":
         return rdp_epsilon([(float(a), float(b), int(c)) for a, b, c in history], delta)
-    accountant = create_accountant(mechanism)
-    accountant.history = [tuple(h) for h in history]
-    return float(accountant.get_epsilon(delta=delta))
+    return _prv_epsilon(_merged(history), float(delta))
+
+
+def _merged(history: list[tuple[float, ...]]) -> tuple[tuple[float, float, int], ...]:
+    """The same schedule with the steps of equal ``(noise_multiplier, sample_rate)``
+    entries added up: composition does not depend on order, and PRV composes each entry
+    on its own (one entry per round would cost one PRV each)."""
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, q, n in history:
+        key = (float(sigma), float(q))
+        steps[key] = steps.get(key, 0) + int(n)
+    return tuple(sorted((s, q, n) for (s, q), n in steps.items()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """Opacus' PRV accountant's epsilon (its upper bound) of a merged schedule; cached, as
+    a site asks for the same schedule's epsilon several times a round (about 0.2 s each)."""
+    import warnings
+
+    accountant = create_accountant("prv")
+    accountant.history = list(history)
+    with warnings.catch_warnings():  # log(1 - q) at q = 1 (full batches): harmless
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="opacus")
+        return float(accountant.get_epsilon(delta=delta))
 
 
 @dataclass(frozen=True)
@@ -185,14 +207,14 @@ def plan_site(
             f"site); use delta < {1.0 / n_train:.2g}"
         )
     sample_rate, steps_per_round = plan_layout(n_train, batch_size, local_epochs)
-    try:
-        sigma = get_noise_multiplier(
-            target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-            steps=rounds * steps_per_round, accountant=accountant,
-            **({"alphas": RDP_ALPHAS} if accountant == "rdp" else {}),
-        )
-    except ValueError:
-        sigma = math.inf
+    sigma = _calibrate(epsilon, delta, sample_rate, rounds * steps_per_round, accountant)
+    if accountant == "prv":
+        # PRV where it is stable: its noise must spend no more than RDP's says it would
+        rdp_sigma = _calibrate(epsilon, delta, sample_rate, rounds * steps_per_round, "rdp")
+        if not (math.isfinite(sigma) and sigma <= rdp_sigma * (1 + 1e-9)):
+            log.warning("PRV accountant unstable for this schedule (noise %.4g, RDP's %.4g): "
+                        "this site accounts with RDP", sigma, rdp_sigma)
+            accountant, sigma = "rdp", rdp_sigma
     if sigma > max_noise_multiplier:
         log.warning(
             "budget epsilon=%g needs noise multiplier %.3g > max-noise-multiplier %g over %d "
@@ -205,6 +227,22 @@ def plan_site(
         max_grad_norm=max_grad_norm, epsilon_budget=epsilon, delta=delta,
         accountant=accountant, planned_rounds=rounds,
     )
+
+
+def _calibrate(epsilon: float, delta: float, sample_rate: float, steps: int,
+               accountant: str) -> float:
+    """Opacus' ``get_noise_multiplier`` (inf when it finds none, or the accountant fails)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # as in _prv_epsilon
+            warnings.filterwarnings("ignore", category=RuntimeWarning, module="opacus")
+            return float(get_noise_multiplier(
+                target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                steps=steps, accountant=accountant,
+                **({"alphas": RDP_ALPHAS} if accountant == "rdp" else {})))
+    except (ValueError, RuntimeError, OverflowError):
+        return math.inf
 
 
 def restore_plan(saved: Any, n_train: int, **settings: Any) -> DPPlan | None:
@@ -233,10 +271,12 @@ def restore_plan(saved: Any, n_train: int, **settings: Any) -> DPPlan | None:
     if ((plan.sample_rate, plan.steps_per_round) != expected
             or (plan.mode, plan.l2_sensitivity, plan.l1_sensitivity) != (
                 settings.get("mode", "local"), *sensitivity)
-            or (plan.max_grad_norm, plan.epsilon_budget, plan.delta, plan.accountant,
+            or (plan.max_grad_norm, plan.epsilon_budget, plan.delta,
                 plan.planned_rounds) != (settings["max_grad_norm"], settings["epsilon"],
-                                         settings["delta"], settings["accountant"],
-                                         settings["rounds"])
+                                         settings["delta"], settings["rounds"])
+            # the configured accountant, or RDP where PRV was unstable for the schedule
+            or plan.accountant not in {settings["accountant"],
+                                       "rdp" if settings["accountant"] == "prv" else None}
             or not 0 < plan.noise_multiplier <= settings["max_noise_multiplier"]):
         return None
     if plan.noise_multiplier < settings["max_noise_multiplier"]:
