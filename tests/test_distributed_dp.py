@@ -285,7 +285,8 @@ def test_flower_secagg_federation_with_a_dropout(tmp_path: Path) -> None:
     from simulations.simulate import simulate
 
     data = _site_files(tmp_path / "data", broken=2)
-    base = {**DIST, "rounds": 2, "data": str(data), "seed": 3}
+    base = {**DIST, "rounds": 2, "data": str(data), "seed": 3,
+            "server-optimizer": "fedadam", "server-lr": 0.03}  # the Flower path steps with it
     cfg = FederationConfig.from_mapping({**base, "secagg-dropout": 0.34,
                                          "out": str(tmp_path / "tolerant")})
     simulate(cfg)
