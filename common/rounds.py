@@ -218,7 +218,7 @@ class RoundBook:
                         server_round)
             self._ledger_round(server_round, [], None)
             return False
-        problem = update_problem(mean_update, self.shapes, self.bound)
+        problem = update_problem(mean_update, self.shapes, self.aggregate_bound(accepted))
         if problem:
             names = ", ".join(site for site, _, _ in accepted)
             log.warning("round %d: aggregate of %s rejected: %s; the global model is "
@@ -250,6 +250,20 @@ class RoundBook:
         self.models += 1
         self._ledger_round(server_round, record["trained"], mean_update, path)
         return True
+
+    def aggregate_bound(self, accepted: Sequence[tuple[str, int, Mapping[str, Any]]]) -> float:
+        """The bound an honest aggregate obeys: an honest update's, and with distributed DP
+        also :data:`~common.privacy.distributed.NOISE_SIGMAS` standard deviations of the
+        noise the accepted sites' shares put in the mean (their declared variances)."""
+        if not (self.cfg.dp and self.cfg.dp_mode == "distributed"):
+            return self.bound
+        from common.privacy.distributed import NOISE_SIGMAS, aggregate_noise_std
+
+        shares = [(int(n), float(m.get("share_variance", 0.0))) for _, n, m in accepted]
+        return self.bound + NOISE_SIGMAS * aggregate_noise_std(
+            shares, max_weight=float(self.cfg.secagg_max_weight),
+            quantization_range=self.cfg.secagg_quantization_range,
+            clipping_range=self.bound)
 
     def _ledger_round(self, server_round: int, participants: list[str],
                       aggregate: NDArrays | None, checkpoint: Path | None = None) -> None:

@@ -308,3 +308,23 @@ def test_flower_secagg_federation_with_a_dropout(tmp_path: Path) -> None:
                                             "out": str(tmp_path / "strict")})
     simulate(strict)
     assert RunFolder(strict.out).latest_checkpoint() is None  # no sum of two was unmasked
+
+
+def test_server_accepts_an_aggregate_as_noisy_as_the_shares_make_it() -> None:
+    """The honest-update bound plus 8 standard deviations of the shares' noise in the mean:
+    a noisy honest aggregate is applied, one beyond that is not."""
+    from common.privacy.distributed import aggregate_noise_std
+    from common.rounds import RoundBook
+
+    cfg = FederationConfig.from_mapping({**DIST, "rounds": 4})
+    shapes = [np.zeros((3, 4), np.float32)]
+    metrics = {"share_variance": 4e8}
+    accepted = [("site-0", 40, metrics), ("site-1", 30, metrics)]
+    std = aggregate_noise_std([(40, 4e8), (30, 4e8)], max_weight=100.0,
+                              quantization_range=2**22, clipping_range=0.5)
+    book = RoundBook(cfg, ["w"], shapes, None)
+    assert book.aggregate_bound(accepted) == pytest.approx(0.5 + 8 * std)
+    assert book.apply(1, accepted, [np.full((3, 4), 0.5 + 5 * std)])
+    assert not book.apply(2, accepted, [np.full((3, 4), 0.5 + 9 * std)])
+    local = RoundBook(FederationConfig.from_mapping({"rounds": 4}), ["w"], shapes, None)
+    assert local.aggregate_bound(accepted) == local.bound

@@ -184,8 +184,8 @@ def test_planner_calibrates_every_layout_with_the_sites_own_accountant() -> None
     from common.privacy.planner import plan_candidates
 
     cfg = FederationConfig(epsilon=3.0, rounds=10, accountant="rdp", delta=1e-3)
-    found = plan_candidates(cfg, 6, epochs=(1, 3))
-    assert len(found) == len({(c.batch_size, c.local_epochs) for c in found}) == 4 * 2
+    found = plan_candidates(cfg, 6, epochs=(1,))
+    assert len(found) == len({(c.batch_size, c.local_epochs) for c in found}) == 4
     for c in found:
         assert c.plan == plan_site(6, batch_size=c.batch_size, local_epochs=c.local_epochs,
                                    rounds=10, epsilon=3.0, delta=1e-3, max_grad_norm=1.0,

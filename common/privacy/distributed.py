@@ -126,6 +126,24 @@ def min_sites(sampled: int, dropout: float) -> int:
     return max(1, sampled - math.floor(dropout * sampled))
 
 
+NOISE_SIGMAS = 8.0
+"""How far (in standard deviations of its noise) a distributed-DP aggregate may lie
+beyond the honest-update bound before the server rejects it: the chance that honest noise
+does, over a million coordinates, is below 1e-8."""
+
+
+def aggregate_noise_std(replies: list[tuple[int, float]], *, max_weight: float,
+                        quantization_range: int, clipping_range: float) -> float:
+    """The standard deviation, per coordinate, of the noise in the mean SecAgg+ unmasks
+    from ``(n_samples, share_variance)`` replies: the shares' summed variance, over the
+    grid's scale and the summed weights (as :func:`common.crypto.quantize.secure_sum`)."""
+    total = sum(v for _, v in replies)
+    weights = sum(round(n / max_weight * quantization_range) / quantization_range
+                  for n, _ in replies)
+    scale = quantization_range / (2 * clipping_range)
+    return math.sqrt(total) / (scale * weights) if weights > 0 else math.inf
+
+
 def describe(plan: Any, dim: int) -> dict[str, Any]:
     """The numbers of a distributed plan an auditor reads (ledger, summary, planner)."""
     ideal = plan.l2_sensitivity - math.sqrt(dim) * (1 + ROUNDING_SLACK)
@@ -137,5 +155,5 @@ def describe(plan: Any, dim: int) -> dict[str, Any]:
     }
 
 
-__all__ = ["INT_ALPHAS", "calibrate_sigma", "describe", "integer_sensitivity", "min_sites",
+__all__ = ["INT_ALPHAS", "NOISE_SIGMAS", "aggregate_noise_std", "calibrate_sigma", "describe", "integer_sensitivity", "min_sites",
            "skellam_entry_rdp", "skellam_epsilon", "skellam_rdp"]
