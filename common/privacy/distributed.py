@@ -155,5 +155,6 @@ def describe(plan: Any, dim: int) -> dict[str, Any]:
     }
 
 
-__all__ = ["INT_ALPHAS", "NOISE_SIGMAS", "aggregate_noise_std", "calibrate_sigma", "describe", "integer_sensitivity", "min_sites",
-           "skellam_entry_rdp", "skellam_epsilon", "skellam_rdp"]
+__all__ = ["INT_ALPHAS", "NOISE_SIGMAS", "aggregate_noise_std", "calibrate_sigma", "describe",
+           "integer_sensitivity", "min_sites", "skellam_entry_rdp", "skellam_epsilon",
+           "skellam_rdp"]
