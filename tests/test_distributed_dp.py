@@ -328,3 +328,17 @@ def test_server_accepts_an_aggregate_as_noisy_as_the_shares_make_it() -> None:
     assert not book.apply(2, accepted, [np.full((3, 4), 0.5 + 9 * std)])
     local = RoundBook(FederationConfig.from_mapping({"rounds": 4}), ["w"], shapes, None)
     assert local.aggregate_bound(accepted) == local.bound
+
+
+def test_deployed_shares_come_from_chacha20_keyed_by_the_os() -> None:
+    """Without a seed (a deployed site) each draw is fresh ChaCha20 output of the intended
+    Skellam variance."""
+    share = NoiseShare(1e6, 2, seed=None)
+    a, b = share.draw([(50_000,)])[0], share.draw([(50_000,)])[0]
+    assert not np.array_equal(a, b)
+    assert abs(a.var() - 1e6) < 4 * 1e6 * math.sqrt(2 / a.size)
+    from randomgen import ChaCha
+
+    from common.crypto.quantize import noise_rng
+
+    assert isinstance(noise_rng(None).bit_generator, ChaCha)
