@@ -358,7 +358,9 @@ def test_epsilon_is_neither_lost_nor_double_counted(scenario: dict[str, Any]) ->
         trained = [r for r in _records(scenario) if r["site"] == name and r.get("trained")]
         assert len(trained) == rounds
         assert sum(h[2] for h in history) == sum(r["steps"] for r in trained)
-        eps = independent_epsilon([tuple(h) for h in history], cfg.delta)
+        mechanism = json.loads(state["runs"]["scenario"]["accountant"])["mechanism"]
+        assert mechanism == cfg.accountant == "prv"  # the default
+        eps = independent_epsilon([tuple(h) for h in history], cfg.delta, mechanism)
         assert trained[-1]["epsilon"] == pytest.approx(eps, rel=1e-9)
         if name != "gamma":
             assert summary["epsilon"][name] == pytest.approx(eps, rel=1e-9)
@@ -415,4 +417,7 @@ def test_privacy_ledger_of_the_deployed_run_verifies(scenario: dict[str, Any]) -
     assert claimed["gamma"].rounds_trained == [1]
     assert claimed["alpha"].rounds_trained == [1, 2, 3]
     for site in claimed.values():
-        assert site.rdp == pytest.approx(site.claimed, rel=1e-6) and site.claimed <= site.budget
+        # the claim is PRV's (the default accountant); RDP bounds the same schedule above
+        assert site.accountant == "prv" and site.claimed <= site.budget
+        assert site.prv == pytest.approx(site.claimed, abs=0.02)
+        assert site.rdp >= site.claimed - 0.02
