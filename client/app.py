@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from client.secagg import in_secure_round, secaggplus_mod
 from common.config import FederationConfig
 from common.crypto.quantize import pending_share
+from common.scaffold import CONTROL_KEY
 
 if TYPE_CHECKING:
     from common.site import Site
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 logging.getLogger("flwr").setLevel(logging.INFO)
 
 STATE_KEY = "pathfed-site"
-SERVER_KEYS = ("server-round", "ledger-run", "dp-min-sites")
+SERVER_KEYS = ("server-round", "ledger-run", "dp-min-sites", CONTROL_KEY)
 """Per-round keys of the server's config that are not settings of the federation."""
 
 
@@ -74,6 +75,20 @@ def _site(context: Context, config: dict[str, Any], state_root: Path | None = No
                 noise=noise)
 
 
+def _control(config: dict[str, Any], parameters: list[Any], site: str) -> Any:
+    """The server's SCAFFOLD control variate in a training message, or None."""
+    if CONTROL_KEY not in config:
+        return None
+    from common.errors import PathFedError
+    from common.scaffold import decode
+
+    try:
+        return decode(bytes(config[CONTROL_KEY]), [tuple(p.shape) for p in parameters],
+                      f"{site}: the server's {CONTROL_KEY}")
+    except (ValueError, TypeError) as err:
+        raise PathFedError(str(err)) from None
+
+
 def _ledger_key(context: Context, site: Site) -> Path | None:
     """The site's ledger signing key: its own (deployment) or the simulation's.
 
@@ -113,7 +128,8 @@ class HospitalClient(NumPyClient):
         report = site.round(parameters, int(config.get("server-round", 0)),
                             _ledger_key(self.context, site),
                             str(config["ledger-run"]) if "ledger-run" in config else None,
-                            int(config["dp-min-sites"]) if "dp-min-sites" in config else None)
+                            int(config["dp-min-sites"]) if "dp-min-sites" in config else None,
+                            _control(config, parameters, site.name))
         if report.noise_share is not None:
             pending_share.set(report.noise_share)  # the SecAgg+ quantiser adds it
         if site.store is not None and site.store.folder is None:

@@ -107,6 +107,11 @@ class FederationConfig(BaseModel):
         description="FedProx: weight mu of the proximal term mu/2 ||w - w_global||^2 in "
         "local training (0: plain FedAvg). Its gradient is data-independent, so DP-SGD "
         "clips and noises only the data's gradient.")
+    scaffold: bool = Field(
+        False, description="SCAFFOLD drift control (Karimireddy et al. 2020, option II): "
+        "every local step is corrected by the server's control variate minus the site's; "
+        "the server derives its variate from the aggregate, so the SecAgg+ vector does "
+        "not grow. Post-processing of the DP gradient: no privacy cost (local DP only).")
 
     # Server optimiser (post-processing of the aggregate: no privacy cost)
     server_optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = Field(
@@ -217,6 +222,11 @@ class FederationConfig(BaseModel):
             if not (self.dp and self.secagg):
                 raise ValueError("dp-mode: distributed DP needs dp = true and secagg = true "
                                  "(the noise is complete only in SecAgg+'s sum)")
+            if self.scaffold:
+                raise ValueError("scaffold: with distributed DP a site's update is private "
+                                 "only in the sum, so its control variate would not be; "
+                                 "use dp-mode = \"local\" (one full-batch step per round "
+                                 "has no client drift to correct)")
             if self.site_epsilon:
                 raise ValueError("site-epsilon: every site shares the one noise of a "
                                  "distributed-DP sum; give one epsilon, or use dp-mode = "

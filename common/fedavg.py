@@ -92,7 +92,7 @@ def run_inprocess(
         in_sum = min_sites(len(asked), cfg.secagg_dropout) if distributed else None
         for site in asked:
             report = site.round(received, rnd, site_keys[site.name] if site_keys else None,
-                                ledger.run if ledger else None, in_sum)
+                                ledger.run if ledger else None, in_sum, book.control())
             problem = book.check(site.name, rnd, report.n_samples, report.metrics,
                                  report.update)
             if problem:

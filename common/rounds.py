@@ -44,6 +44,7 @@ from common.ledger import (
 )
 from common.metrics import EvalCounts
 from common.runs import RunFolder, json_safe, sha256_file
+from common.scaffold import Scaffold
 from common.server_opt import ServerOptimizer
 
 log = logging.getLogger(__name__)
@@ -136,8 +137,19 @@ class RoundBook:
         self.started = time.perf_counter()
         self.server_opt = ServerOptimizer.from_config(cfg)
         """How an accepted aggregate becomes the next global model (FedAvg by default)."""
-        if self.server_opt.stateful and run is not None and round_offset:
+        self.scaffold = Scaffold(cfg.lr, cfg.sites) if cfg.scaffold else None
+        """SCAFFOLD's server control variate, updated from each aggregate."""
+        if self.stateful and run is not None and round_offset:
             self._restore_server_opt(round_offset)
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the server keeps state beside the model (moments, control variate)."""
+        return self.server_opt.stateful or self.scaffold is not None
+
+    def control(self) -> NDArrays | None:
+        """The SCAFFOLD control variate to send with a training message, or None."""
+        return self.scaffold.ensure(self.shapes) if self.scaffold is not None else None
 
     def _restore_server_opt(self, done: int) -> None:
         """Continue a resumed run with the server optimiser's moments of round ``done``."""
@@ -149,8 +161,10 @@ class RoundBook:
             return
         from common.runs import load_checkpoint
 
-        self.server_opt.load_state(load_checkpoint(path, self.run.checkpoint_key,
-                                                   self.run.run_id))
+        arrays = load_checkpoint(path, self.run.checkpoint_key, self.run.run_id)
+        self.server_opt.load_state(arrays)
+        if self.scaffold is not None:
+            self.scaffold.load_state(arrays)
 
     # ---- a round's training ------------------------------------------------------------
     def start_round(self, server_round: int, asked: Sequence[str]) -> None:
@@ -229,6 +243,8 @@ class RoundBook:
             self._ledger_round(server_round, [], None)
             return False
         self.global_weights = self.server_opt.step(self.global_weights, mean_update)
+        if self.scaffold is not None:
+            self.scaffold.step(mean_update, [(int(n), m) for _, n, m in accepted])
         for site, n, metrics in accepted:
             if site not in self.declared:
                 log.info("%s: %s", site, plan_line(int(n), metrics))
@@ -243,8 +259,11 @@ class RoundBook:
                 self.exhausted[site] = "its next round would exceed its privacy budget"
         path = None
         if self.run is not None:
-            if self.server_opt.stateful:  # before the checkpoint that a resume starts from
-                self.run.save_server_state(server_round, self.server_opt.state_arrays())
+            if self.stateful:  # before the checkpoint that a resume starts from
+                arrays = self.server_opt.state_arrays()
+                if self.scaffold is not None:
+                    arrays.update(self.scaffold.state_arrays())
+                self.run.save_server_state(server_round, arrays)
             path = self.run.save_checkpoint(server_round, self.names, self.global_weights)
             record["checkpoint"] = str(path.relative_to(self.run.path))
         self.models += 1

@@ -209,6 +209,14 @@ class Site:
         self.max_instances = max([self.data.max_instances]
                                  + [b.shape[0] for b in self.train_set.bags])
         self.ledger_prev: str | None = (state or {}).get("ledger_prev")
+        self.control: NDArrays | None = None
+        """SCAFFOLD's control variate ``c_i`` of this site (kept in its state)."""
+        saved_control = (state or {}).get("scaffold")
+        if cfg.scaffold and saved_control:
+            from common.scaffold import decode
+
+            self.control = decode(bytes.fromhex(saved_control), None,
+                                  f"{self.name}'s saved scaffold state")
         self.plan: DPPlan | None = None
         self._plan_inputs: dict[str, Any] = {}
         if cfg.dp:
@@ -300,10 +308,12 @@ class Site:
         return f"seeded: torch.Generator from seed {self.cfg.seed} (reproducible, not secret)"
 
     def round(self, weights: NDArrays, server_round: int, key_path: Any = None,
-              ledger_run: str | None = None, sites_in_sum: int | None = None) -> SiteReport:
+              ledger_run: str | None = None, sites_in_sum: int | None = None,
+              control: NDArrays | None = None) -> SiteReport:
         """One round as the site answers the server: train (or replay the reply already
         released for this round and model), sign the ledger record, and save the
-        accountant (fsynced) before anything is returned to be sent."""
+        accountant (fsynced) before anything is returned to be sent. ``control``: the
+        server's SCAFFOLD control variate (with ``scaffold``)."""
         from common.ledger import LEDGER_METRIC, hash_arrays
 
         received = hash_arrays(weights)
@@ -320,7 +330,7 @@ class Site:
                          "restarted): re-sending the reply already released, no new spend",
                          self.name, server_round)
                 return SiteReport(cached["update"], cached["n_samples"], cached["metrics"])
-        report = self.train(weights, server_round, sites_in_sum)
+        report = self.train(weights, server_round, sites_in_sum, control)
         if key_path is not None:
             report.metrics[LEDGER_METRIC] = self.signed_record(
                 report, weights, server_round, key_path, ledger_run)
@@ -337,6 +347,10 @@ class Site:
         if self.plan is not None:
             state["plan"] = {"inputs": {"n_train": len(self.train_set), **self._plan_inputs},
                              "plan": self.plan.to_dict()}
+        if self.control is not None:
+            from common.scaffold import encode
+
+            state["scaffold"] = encode(self.control).hex()
         return state
 
     @property
@@ -385,10 +399,13 @@ class Site:
         return bags.to_dataset(self.max_instances)
 
     def train(self, weights: NDArrays, server_round: int,
-              sites_in_sum: int | None = None) -> SiteReport:
+              sites_in_sum: int | None = None, control: NDArrays | None = None
+              ) -> SiteReport:
         """One local round from the global ``weights``; raise if the budget is spent.
         ``sites_in_sum``: distributed DP, the fewest sites the round's sum holds (the
-        server's ``dp-min-sites``); by default all ``sites`` less ``secagg-dropout``."""
+        server's ``dp-min-sites``); by default all ``sites`` less ``secagg-dropout``.
+        ``control``: the server's SCAFFOLD control variate ``c`` (needed with
+        ``scaffold``); the site's own ``c_i`` is updated after training."""
         if self.plan is not None:
             self.accountant.check_next_round(self.plan, self.name, self.lifetime_budget)
         if len(self.train_set) > self.cfg.secagg_max_weight:
@@ -409,8 +426,14 @@ class Site:
                 epochs=self.cfg.local_epochs, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
                 optimizer=self.cfg.optimizer, plan=self.plan, accountant=self.accountant,
                 seed=seed, max_grad_norm=self.cfg.max_grad_norm, noise=self.noise,
-                prox_mu=self.cfg.prox_mu,
+                prox_mu=self.cfg.prox_mu, correction=self._correction(model, control),
             )
+            if self.cfg.scaffold:
+                from common.scaffold import site_control
+
+                assert control is not None  # _correction refused a missing one
+                self.control = site_control(self._own_control(weights), control,
+                                            result.update, result.steps, self.cfg.lr)
         problem = update_problem(result.update, [tuple(w.shape) for w in weights],
                                  update_bound(self.cfg))
         if problem:
@@ -449,6 +472,29 @@ class Site:
             # that shift alone would cost up to half a quantisation step.
             update = [u.astype(np.float64) for u in update]
         return SiteReport(update, result.n_samples, metrics, share)
+
+    def _own_control(self, weights: NDArrays) -> NDArrays:
+        return self.control or [np.zeros(np.shape(w), np.float64) for w in weights]
+
+    def _correction(self, model: torch.nn.Module, control: NDArrays | None
+                    ) -> NDArrays | None:
+        """SCAFFOLD's ``c - c_i`` for each trainable parameter, or None without it."""
+        if not self.cfg.scaffold:
+            return None
+        weights = list(model.state_dict().values())
+        if control is None:
+            raise PathFedError(f"{self.name}: the run trains with scaffold, but the server "
+                               "sent no control variate (scaffold-control) with this round")
+        if [np.shape(c) for c in control] != [tuple(w.shape) for w in weights]:
+            raise PathFedError(f"{self.name}: the server's control variate does not fit the "
+                               "model's shapes")
+        own = self._own_control([w.numpy() for w in weights])
+        if [np.shape(c) for c in own] != [np.shape(c) for c in control]:
+            raise PathFedError(f"{self.name}: its saved control variate belongs to another "
+                               "model; start a new run-id for a new model")
+        index = {name: i for i, name in enumerate(model.state_dict())}
+        return [np.asarray(control[index[n]] - own[index[n]], np.float32)
+                for n, p in model.named_parameters() if p.requires_grad]
 
     def _distributed_step(self, model: torch.nn.Module, server_round: int, seed: int | None,
                           sites_in_sum: int | None) -> tuple[Any, Any]:

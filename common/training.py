@@ -114,6 +114,7 @@ def local_train(
     max_grad_norm: float | None = None,
     noise: str = "seeded",
     prox_mu: float = 0.0,
+    correction: NDArrays | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` for ``epochs``; DP-SGD when ``plan`` is given.
 
@@ -127,7 +128,9 @@ def local_train(
     (:func:`common.privacy.use_csprng_noise`), otherwise from ``generator``.
     ``prox_mu`` > 0 adds FedProx's proximal gradient ``mu (w - w_start)`` to every step's
     gradient after DP-SGD has clipped and noised it: it depends on no data, so it costs
-    no privacy (:func:`add_proximal_term`).
+    no privacy (:func:`add_proximal_term`). ``correction`` (one array per trainable
+    parameter, in ``named_parameters`` order) is added to every step's gradient at the
+    same place: SCAFFOLD's ``c - c_i`` (:mod:`common.scaffold`), equally free.
     """
     start = get_weights(model)
     generator = torch.Generator()
@@ -153,6 +156,8 @@ def local_train(
             per_sample="vmap" if vmap_grads else "hooks", noise=noise, seeded=seed is not None)
     if prox_mu > 0:
         add_proximal_term(opt, params, prox_mu)
+    if correction is not None:
+        add_gradient_correction(opt, params, correction)
     train_model.train()
     losses, steps = [], 0
     with warnings.catch_warnings():
@@ -196,6 +201,27 @@ def add_proximal_term(optimizer: torch.optim.Optimizer, params: list[torch.nn.Pa
             for p, anchor in zip(params, anchors):
                 if p.grad is not None:
                     p.grad.add_(p.detach() - anchor, alpha=mu)
+
+    inner.register_step_pre_hook(hook)
+
+
+def add_gradient_correction(optimizer: torch.optim.Optimizer,
+                            params: list[torch.nn.Parameter], correction: NDArrays) -> None:
+    """Before each step of ``optimizer`` (inside Opacus' ``DPOptimizer``: after clipping
+    and noise), add the fixed ``correction`` to the gradient of every parameter
+    (SCAFFOLD's ``c - c_i``)."""
+    if len(correction) != len(params):
+        raise ValueError(f"gradient correction has {len(correction)} arrays, the model "
+                         f"trains {len(params)} parameters")
+    inner = cast(torch.optim.Optimizer, getattr(optimizer, "original_optimizer", optimizer))
+    terms = [torch.as_tensor(np.asarray(c), dtype=p.dtype).reshape(p.shape)
+             for p, c in zip(params, correction)]
+
+    def hook(*_: Any) -> None:
+        with torch.no_grad():
+            for p, term in zip(params, terms):
+                if p.grad is not None:
+                    p.grad.add_(term)
 
     inner.register_step_pre_hook(hook)
 

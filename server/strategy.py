@@ -36,6 +36,7 @@ from common.ledger import Ledger
 from common.privacy.distributed import min_sites
 from common.rounds import FederationAborted, RoundBook, weighted_mean
 from common.runs import RunFolder
+from common.scaffold import CONTROL_KEY, encode
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,9 @@ class PathFedStrategy(FedAvg):
             # every site sizes its noise share for the fewest sites the sum may hold;
             # server/secagg.py refuses to unmask a sum of fewer
             config["dp-min-sites"] = min_sites(len(chosen), self.cfg.secagg_dropout)
+        control = book.control()
+        if control is not None:
+            config[CONTROL_KEY] = encode(control)
         return [(p, FitIns(parameters, config)) for p in chosen]
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,

@@ -106,15 +106,32 @@ def test_secagg_aggregate_equals_plain_weighted_average(runs: dict[str, Any]) ->
 
 def test_two_site_secagg_equals_plain_average(tmp_path: Path) -> None:
     """Two hospitals, the smallest consortium: hardened masks still cancel exactly. The
-    plain average comes from the in-process engine (the same sites, seeds and rounds)."""
+    plain average comes from the in-process engine (the same sites, seeds and rounds).
+    With SCAFFOLD: round 1 (c = 0) is FedAvg's; in round 2 the server's control variate
+    reaches the sites through SecAgg+'s training message and corrects their steps as the
+    in-process engine's do, and each site keeps its own variate in its state."""
     from common.fedavg import run_inprocess
+    from common.privacy.store import SiteStore
 
-    cfgs = [FederationConfig(sites=2, rounds=1, synthetic_bags=120, seed=3, secagg=secagg,
-                             out=str(tmp_path / f"run-{secagg}")) for secagg in (True, False)]
-    assert simulate(cfgs[0])["rounds"] == 1
+    cfgs = [FederationConfig(sites=2, rounds=2, synthetic_bags=120, seed=3, secagg=secagg,
+                             scaffold=True, out=str(tmp_path / f"run-{secagg}"))
+            for secagg in (True, False)]
+    assert simulate(cfgs[0])["rounds"] == 2
     run_inprocess(cfgs[1], run_dir=cfgs[1].out)
     worst, tolerance = _max_diff_and_tolerance(*cfgs)
     assert worst <= tolerance, (worst, tolerance)
+    # round 2 starts from models that differ by SecAgg+'s rounding only: the corrected
+    # steps land close, and far from where uncorrected steps would
+    worst, tolerance = _max_diff_and_tolerance(*cfgs, rnd=2)
+    assert worst <= 5 * tolerance, (worst, tolerance)  # 2.3x measured
+    plain = FederationConfig(sites=2, rounds=2, synthetic_bags=120, seed=3, secagg=False,
+                             out=str(tmp_path / "no-scaffold"))
+    run_inprocess(plain, run_dir=plain.out)
+    effect, _ = _max_diff_and_tolerance(cfgs[1], plain, rnd=2)
+    assert effect > 4 * worst, (effect, worst)  # 7.8x measured
+    for site in ("site-0", "site-1"):
+        state = SiteStore(site, Path(cfgs[0].out).parent / "run-True.sites" / site)
+        assert (state.run_state("default") or {}).get("scaffold")
 
 
 def test_epsilon_grows_and_matches_an_independent_accountant(runs: dict[str, Any]) -> None:

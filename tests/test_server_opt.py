@@ -147,6 +147,7 @@ def test_fedprox_site_round_under_dp_stays_closer_to_the_global_model() -> None:
     {"server-optimizer": "fedavgm"}, {"server-optimizer": "fedadam", "server-lr": 0.03},
     {"server-optimizer": "fedyogi", "server-lr": 0.01},
     {"server-optimizer": "fedadagrad", "server-lr": 0.01}, {"prox-mu": 0.1},
+    {"scaffold": True}, {"scaffold": True, "server-optimizer": "fedyogi", "server-lr": 0.01},
     {"server-optimizer": "fedadam", "server-lr": 0.03, "dp-mode": "distributed",
      "secagg-max-weight": 100}])
 def test_each_strategy_trains_a_tiny_private_federation(settings: dict, tmp_path) -> None:
@@ -162,6 +163,6 @@ def test_each_strategy_trains_a_tiny_private_federation(settings: dict, tmp_path
     assert result.history[-1]["val_auc"] > 0.5
     assert all(np.isfinite(w).all() for w in result.weights)
     states = sorted((tmp_path / "run" / "checkpoints").glob("server-opt-*.npz"))
-    assert len(states) == (3 if cfg.server_optimizer != "fedavg" else 0)
+    assert len(states) == (3 if cfg.server_optimizer != "fedavg" or cfg.scaffold else 0)
     report = audit_run(tmp_path / "run")
     assert report.ok, report.all_problems
