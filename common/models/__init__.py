@@ -50,6 +50,10 @@ MODELS: dict[str, ModelSpec] = {
                        "masking (Zhang et al. 2024)",
                        {**_MIL_OPTIONS, "branches": 5, "top_k": 10, "mask_prob": 0.6,
                         "diversity": 0.1}),
+    "mean-mil": ModelSpec("common.models.mean_mil:mean_mil", "bags",
+                          "mean pooling of embedded patches, linear classifier (Ilse et al. "
+                          "2018's baseline; few parameters: the choice under strong DP noise)",
+                          {"hidden_dim": 8, "dropout": 0.0}),
     "multiscale-mil": ModelSpec("common.models.multiscale_mil:multiscale_mil", "multiscale",
                                 "cross-scale attention from low-power regions to their "
                                 "high-power patches, gated attention over regions (the seed's "
