@@ -223,7 +223,12 @@ def _plots(report: Any) -> list[tuple[str, str]]:
 def _roc_calibration(record: dict[str, Any]) -> Any:
     import matplotlib.pyplot as plt
 
-    from common.metrics import auc_from_histograms, calibration_from_histograms, roc_from_histograms
+    from common.metrics import (
+        auc_from_histograms,
+        calibration_from_histograms,
+        ece_from_histograms,
+        roc_from_histograms,
+    )
 
     pos, neg = record["val_hist_pos"], record["val_hist_neg"]
     fig, (roc, cal) = plt.subplots(1, 2, figsize=(8, 3.6))
@@ -239,7 +244,8 @@ def _roc_calibration(record: dict[str, Any]) -> Any:
     for x, y, k in zip(mean_p, frac, n):
         cal.annotate(f"{int(k)}", (x, y), fontsize=6, xytext=(3, -8), textcoords="offset points")
     cal.set(xlabel="predicted probability", ylabel="fraction positive",
-            title="Calibration (slides per bin)", xlim=(0, 1), ylim=(0, 1.01))
+            title=f"Calibration (slides per bin; ECE {ece_from_histograms(pos, neg):.3f}, "
+            "15 bins)", xlim=(0, 1), ylim=(0, 1.01))
     cal.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return fig

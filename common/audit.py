@@ -33,6 +33,7 @@ from typing import Any, cast
 from common.errors import DataError
 from common.ledger import LEDGER_FILE, LedgerReport, config_hash, verify_ledger
 from common.privacy import (
+    SUBSTITUTION,
     history_epsilon,
     independent_epsilon,
     opacus_rdp_epsilon,
@@ -396,11 +397,19 @@ def _audit_site(name: str, entries: list[dict[str, Any]], report: AuditReport,
             if skellam is None:
                 return audit
             entry = skellam
+        elif rec.get("adjacency") == "substitution":
+            entry = (*entry, SUBSTITUTION)
+        elif report.config.get("mixpatch") is True:
+            audit.problems.append(
+                f"round {rec.get('round')}: the run mixes slides (mixpatch), but the record "
+                "accounts its steps as one slide's addition or removal, not as the "
+                "substitution of a mixing group")
+            return audit
         history.append(entry)
         claimed = rec.get("epsilon")
         point = {"round": rec.get("round"), "claimed": claimed,
                  "rdp": history_epsilon(history, float(audit.delta or 0))}
-        if audit.accountant == "prv" and not distributed:
+        if audit.accountant == "prv" and not distributed and len(entry) == 3:
             try:
                 point["prv"] = history_epsilon(history, float(audit.delta or 0), "prv")
             except (ValueError, RuntimeError):
@@ -414,10 +423,15 @@ def _audit_site(name: str, entries: list[dict[str, Any]], report: AuditReport,
     if n and delta >= 1.0 / n:
         audit.problems.append(f"delta {delta:g} is not below 1/n = 1/{n}: the guarantee is void "
                               f"for a dataset of {n} {audit.privacy_unit}s")
+    substitution = any(len(entry) == 4 for entry in history)
     if distributed:
         # the Skellam bound, composed in RDP (no PathFed cache); PRV has no Skellam form
         audit.rdp = history_epsilon(history, delta)
         audit.notes.append(f"distributed DP: {last.get('trust')}")
+    elif substitution:
+        # the weak triangle inequality over Opacus' RDP; PRV has no substitution form
+        audit.rdp = history_epsilon(history, delta)
+        audit.notes.append(f"DP samples are {last.get('dp_samples')}")
     else:
         # The final values come from fresh Opacus accountants (no PathFed cache in between).
         audit.rdp = opacus_rdp_epsilon(history, delta)
@@ -426,7 +440,7 @@ def _audit_site(name: str, entries: list[dict[str, Any]], report: AuditReport,
         except (ValueError, RuntimeError) as err:  # PRV refuses some extreme schedules
             audit.notes.append(f"PRV accountant could not compose this schedule ({err})")
     audit.claimed = last.get("epsilon")
-    mech = "rdp" if distributed else (audit.accountant or "rdp")
+    mech = "rdp" if distributed or substitution else (audit.accountant or "rdp")
     recomputed = audit.rdp if mech == "rdp" else audit.prv
     for point in audit.curve:
         c = point["claimed"]

@@ -77,6 +77,20 @@ class FederationConfig(BaseModel):
         0.05, ge=0.0, le=0.5,
         description="HED stain augmentation strength for patch-model training (0: off).",
     )
+    mixpatch: bool = Field(
+        False, description="MixPatch (Park et al. 2022) for patch models: part of each "
+        "sample's patches are mosaics of cells from several slides of one mixing group, "
+        "labelled with their positive share. One DP sample becomes one mixing group, "
+        "accounted as a substitution so that epsilon still protects a slide "
+        "(docs/privacy.md, about twice the noise).")
+    mixpatch_grid: int = Field(2, ge=2, le=8,
+                               description="MixPatch: cells per side of a mixed patch.")
+    mixpatch_ratio: float = Field(0.5, gt=0.0, le=1.0,
+                                  description="MixPatch: share of a sample's patches that "
+                                  "are mixed (the rest are plain patches).")
+    mixpatch_group: int = Field(2, ge=1, le=64,
+                                description="MixPatch: slides (or patients) per mixing "
+                                "group on average; 1 mixes a slide with itself only.")
     stain_normalize: Literal["none", "macenko", "reinhard"] = Field(
         "none", description="Stain normalisation of image-folder patches before the encoder, "
         "to PathFed's reference tile (prepared features record their own, from `pathfed "
@@ -218,10 +232,19 @@ class FederationConfig(BaseModel):
         from common.models import parse_model_options
 
         parse_model_options(self.model, self.model_options)
+        if self.mixpatch and MODELS[self.model].kind != "patches":
+            raise ValueError(f"mixpatch: mixes image patches, and model {self.model!r} "
+                             "trains on features; use a patch model (residual-patch-cnn)")
+        if self.mixpatch and self.patch_size % self.mixpatch_grid:
+            raise ValueError(f"mixpatch-grid: {self.mixpatch_grid} must divide patch-size "
+                             f"{self.patch_size}")
         if self.dp_mode == "distributed":
             if not (self.dp and self.secagg):
                 raise ValueError("dp-mode: distributed DP needs dp = true and secagg = true "
                                  "(the noise is complete only in SecAgg+'s sum)")
+            if self.mixpatch:
+                raise ValueError("mixpatch: its mixing groups are accounted in local DP "
+                                 "only; use dp-mode = \"local\"")
             if self.scaffold:
                 raise ValueError("scaffold: with distributed DP a site's update is private "
                                  "only in the sum, so its control variate would not be; "

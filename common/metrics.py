@@ -82,6 +82,27 @@ def calibration_from_histograms(pos: np.ndarray, neg: np.ndarray, bins: int = 10
     return mean_p[keep] / n[keep], positives[keep] / n[keep], n[keep]
 
 
+def expected_calibration_error(prob: np.ndarray, labels: np.ndarray, bins: int = 15
+                               ) -> float:
+    """ECE (Guo et al. 2017) of positive-class probabilities against 0/1 labels: over
+    ``bins`` even bins of the probability, the share-weighted gap between the fraction
+    positive and the mean probability."""
+    prob, labels = np.asarray(prob, float).ravel(), np.asarray(labels, float).ravel()
+    if not len(prob):
+        return float("nan")
+    which = np.minimum((prob * bins).astype(int), bins - 1)
+    n = np.bincount(which, minlength=bins)
+    gap = np.bincount(which, labels, minlength=bins) - np.bincount(which, prob, minlength=bins)
+    return float(np.abs(gap).sum() / n.sum())
+
+
+def ece_from_histograms(pos: np.ndarray, neg: np.ndarray, bins: int = 15) -> float:
+    """:func:`expected_calibration_error` of per-class logit histograms (a histogram bin
+    counts at the probability of its centre, as in :func:`calibration_from_histograms`)."""
+    mean_p, frac, n = calibration_from_histograms(pos, neg, bins)
+    return float((n * np.abs(frac - mean_p)).sum() / n.sum()) if n.sum() else float("nan")
+
+
 @dataclass
 class EvalCounts:
     """Additive evaluation counts of one site (or of several, summed)."""

@@ -208,6 +208,15 @@ class Site:
         self.train_set = self.data.train.by_patient()
         self.max_instances = max([self.data.max_instances]
                                  + [b.shape[0] for b in self.train_set.bags])
+        self.mix_groups: list[list[int]] | None = None
+        """MixPatch: the training units (indices into ``train_set``) of each mixing group,
+        one DP sample each (:mod:`common.data.mixpatch`)."""
+        if cfg.mixpatch:
+            from common.data.mixpatch import group_count, mixing_groups
+
+            self.mix_groups = mixing_groups(
+                self.train_set.names, group_count(len(self.train_set), cfg.mixpatch_group),
+                cfg.seed)
         self.ledger_prev: str | None = (state or {}).get("ledger_prev")
         self.control: NDArrays | None = None
         """SCAFFOLD's control variate ``c_i`` of this site (kept in its state)."""
@@ -226,6 +235,8 @@ class Site:
                 max_grad_norm=cfg.max_grad_norm, max_noise_multiplier=cfg.max_noise_multiplier,
                 accountant=cfg.accountant)
             planner: Any = plan_site
+            if cfg.mixpatch:
+                self._plan_inputs["substitution"] = True
             if cfg.dp_mode == "distributed":
                 self._plan_inputs.update(
                     accountant="skellam", mode="distributed", dim=self.trainable_dim(),
@@ -234,15 +245,20 @@ class Site:
                     clipping_range=update_bound(cfg))
                 planner = plan_distributed
             # a fresh process per message in deployment: reuse this run's checked plan
-            self.plan = (restore_plan((state or {}).get("plan"), len(self.train_set),
+            self.plan = (restore_plan((state or {}).get("plan"), self.dp_samples,
                                       **self._plan_inputs)
-                         or planner(len(self.train_set), **self._plan_inputs))
+                         or planner(self.dp_samples, **self._plan_inputs))
         # the plan's accountant: Skellam for distributed DP, RDP where PRV is unstable
         self.accountant = SiteAccountant.from_json(
             (state or {}).get("accountant"),
             self.plan.accountant if self.plan is not None else cfg.accountant)
         if store is not None:
             self.accountant.prior = store.prior_history(self.run)
+
+    @property
+    def dp_samples(self) -> int:
+        """DP-SGD's samples at this site: its units, or MixPatch's mixing groups."""
+        return len(self.mix_groups) if self.mix_groups is not None else len(self.train_set)
 
     def trainable_dim(self) -> int:
         """Coordinates of the model this site trains (its frozen ones never move)."""
@@ -345,7 +361,7 @@ class Site:
         state: dict[str, Any] = {"accountant": self.accountant.to_json(),
                                  "ledger_prev": self.ledger_prev}
         if self.plan is not None:
-            state["plan"] = {"inputs": {"n_train": len(self.train_set), **self._plan_inputs},
+            state["plan"] = {"inputs": {"n_train": self.dp_samples, **self._plan_inputs},
                              "plan": self.plan.to_dict()}
         if self.control is not None:
             from common.scaffold import encode
@@ -391,6 +407,14 @@ class Site:
 
     def _dataset(self, split: str, server_round: int) -> TensorDataset:
         bags = self.train_set if split == "train" else self.data.val
+        if self.patches and split == "train" and self.mix_groups is not None:
+            from common.data.mixpatch import MixPatchOptions, mixpatch_dataset
+
+            options = MixPatchOptions(self.cfg.mixpatch_grid, self.cfg.mixpatch_ratio,
+                                      self.cfg.mixpatch_group)
+            return mixpatch_dataset(bags, self.mix_groups, self.cfg.patches_per_slide,
+                                    _seed(self.cfg.seed, self.name, split, server_round),
+                                    options, self.cfg.stain_augment)
         if self.patches:  # a fresh draw of patches each round; a fixed one to validate
             return bags.to_patch_dataset(
                 self.cfg.patches_per_slide, _seed(self.cfg.seed, self.name, split, server_round),
@@ -421,13 +445,21 @@ class Site:
         if self.plan is not None and self.plan.distributed:
             result, share = self._distributed_step(model, server_round, seed, sites_in_sum)
         else:
+            # substitution steps are recorded by the plan, not as Opacus' add/remove steps
+            substitution = self.plan is not None and self.plan.substitution
             result = local_train(
                 model, self._dataset("train", server_round),
                 epochs=self.cfg.local_epochs, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
-                optimizer=self.cfg.optimizer, plan=self.plan, accountant=self.accountant,
+                optimizer=self.cfg.optimizer, plan=self.plan,
+                accountant=SiteAccountant() if substitution else self.accountant,
                 seed=seed, max_grad_norm=self.cfg.max_grad_norm, noise=self.noise,
                 prox_mu=self.cfg.prox_mu, correction=self._correction(model, control),
             )
+            if substitution:
+                assert self.plan is not None
+                self.accountant.record(self.plan, result.steps)
+                result = dataclasses.replace(result,
+                                             epsilon=self.accountant.epsilon(self.plan.delta))
             if self.cfg.scaffold:
                 from common.scaffold import site_control
 

@@ -118,28 +118,36 @@ class BagSet:
         Labels are ``[n, k]`` patch labels when the bags are annotated and ``patch_labels``,
         else the slide labels ``[n]``.
         """
-        import torch
-        from torch.utils.data import TensorDataset
-
-        from common.features import IMAGENET_MEAN, IMAGENET_STD
-
         rng = np.random.default_rng(seed)
         chosen = [rng.choice(len(bag), size=k, replace=len(bag) < k) for bag in self.bags]
         picked = (np.stack([bag[i] for bag, i in zip(self.bags, chosen)]) if self.bags
                   else np.zeros((0, k, 1, 1, 3), np.uint8))
-        if stain_augment > 0 and len(picked):
-            from common.wsi.stain import hed_augment
-
-            picked = hed_augment(picked, rng, scale=stain_augment, shift=stain_augment)
-        x = torch.from_numpy(picked).float().div_(255.0).permute(0, 1, 4, 2, 3)
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1)
         if patch_labels and self.instance_labels is not None:  # annotated: per-patch labels
             labels = np.stack([lab[i] for lab, i in zip(self.instance_labels, chosen)]) \
                 if self.bags else np.zeros((0, k))
         else:  # weak labels: every patch takes its slide's label
             labels = self.labels
-        return TensorDataset((x - mean) / std, torch.from_numpy(labels.astype(np.float32)))
+        return patch_tensor(picked, labels, rng, stain_augment)
+
+
+def patch_tensor(picked: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+                 stain_augment: float = 0.0) -> TensorDataset:
+    """``(patches[n, k, 3, P, P], labels)`` from ``uint8[n, k, P, P, 3]`` patches: HED stain
+    augmentation of strength ``stain_augment`` (one draw per patch, from ``rng``), then
+    scaled as the torch encoders scale them."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from common.features import IMAGENET_MEAN, IMAGENET_STD
+
+    if stain_augment > 0 and len(picked):
+        from common.wsi.stain import hed_augment
+
+        picked = hed_augment(picked, rng, scale=stain_augment, shift=stain_augment)
+    x = torch.from_numpy(picked).float().div_(255.0).permute(0, 1, 4, 2, 3)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1)
+    return TensorDataset((x - mean) / std, torch.from_numpy(labels.astype(np.float32)))
 
 
 @dataclass(frozen=True)

@@ -206,6 +206,19 @@ def site_round_record(
         "run": run,
         "noise": noise,
         **_distributed_fields(p, metrics),
+        **_substitution_fields(p),
+    }
+
+
+def _substitution_fields(plan: Any) -> dict[str, Any]:
+    """A round whose DP samples are groups of units (MixPatch), for the auditor."""
+    if plan is None or not getattr(plan, "substitution", False):
+        return {}
+    return {
+        "adjacency": "substitution",
+        "dp_samples": "mixing groups: a unit's change substitutes the one group it hashes "
+                      "to (common/data/mixpatch.py); accounted by the weak triangle "
+                      "inequality over the sampled Gaussian's RDP",
     }
 
 

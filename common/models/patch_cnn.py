@@ -111,13 +111,9 @@ class SlidePatchClassifier(nn.Module):
     def sample_losses(self, patches: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-slide losses ``[B]``: cross-entropy of each patch against its label, averaged
         over the slide's patches. ``labels`` is ``[B]`` (the slide's label for every patch)
-        or ``[B, k]`` (patch labels from annotations)."""
-        logits = self(patches)
-        b, k, c = logits.shape
-        target = (labels.long().reshape(b * k) if labels.dim() == 2
-                  else labels.long().repeat_interleave(k))
-        return F.cross_entropy(logits.reshape(b * k, c), target,
-                               reduction="none").reshape(b, k).mean(1)
+        or ``[B, k]`` (patch labels from annotations, or MixPatch's soft labels: the
+        positive share of a mixed patch)."""
+        return patch_losses(self(patches), labels)
 
     def slide_gradients(self, patches: torch.Tensor, labels: torch.Tensor
                         ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -169,10 +165,7 @@ class SlidePatchClassifier(nn.Module):
         h = unit(h, "unit2", cnn.unit2)
         h = F.relu(linear(h.reshape(k, b, -1), "fc"))
         logits = linear(cnn.dropout(h), "head").transpose(0, 1)  # [B, k, C]
-        target = (labels.long() if labels.dim() == 2
-                  else labels.long().unsqueeze(1).expand(b, k))
-        losses = F.cross_entropy(logits.reshape(b * k, -1), target.reshape(-1),
-                                 reduction="none").reshape(b, k).mean(1)
+        losses = patch_losses(logits, labels)
         grads = torch.autograd.grad(losses.sum(), [w[n] for n in trainable])
         return ({f"cnn.{n}": g for n, g in zip(trainable, grads, strict=True)},
                 losses.detach())
@@ -181,6 +174,24 @@ class SlidePatchClassifier(nn.Module):
         """Per-slide score ``[B]``: mean over patches of the class-1 log-odds."""
         logits = self(patches)
         return (logits[..., 1] - logits[..., 0]).mean(1)
+
+
+def patch_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-slide mean cross-entropy ``[B]`` of ``logits[B, k, C]``: against the slide's
+    class for ``labels[B]``; for ``labels[B, k]``, against each patch's probability of the
+    positive class (a hard 0/1 label gives exactly the class-index cross-entropy; a soft
+    one is MixPatch's proportion), which needs two classes."""
+    b, k, c = logits.shape
+    if labels.dim() == 2:
+        if c != 2:
+            raise ValueError(f"patch labels need a two-class head, this one has {c}")
+        positive = labels.to(logits.dtype).reshape(b * k)
+        target = torch.stack([1 - positive, positive], dim=-1)
+        losses = -(target * F.log_softmax(logits.reshape(b * k, c), dim=-1)).sum(-1)
+    else:
+        losses = F.cross_entropy(logits.reshape(b * k, c), labels.long().repeat_interleave(k),
+                                 reduction="none")
+    return losses.reshape(b, k).mean(1)
 
 
 def residual_patch_cnn(in_dim: int | None = None, **kwargs: Any) -> SlidePatchClassifier:

@@ -88,26 +88,61 @@ def spent(orders: list[Any], rdp: Any, delta: float) -> float:
     return float(eps)
 
 
+SUBSTITUTION = 1.0
+"""The fourth field of a DP-SGD entry whose unit's change *substitutes* one sample
+(``(noise_multiplier, sample_rate, steps, SUBSTITUTION)``): MixPatch's mixing groups,
+where adding or removing a slide changes the one group (sample) it belongs to."""
+
+
+def substitution_rdp(sigma: float, q: float, steps: int, orders: list[Any]) -> np.ndarray:
+    """RDP at ``orders`` of ``steps`` Poisson-subsampled Gaussian steps under *substitution*
+    of one sample, from Opacus' add/remove RDP by the weak triangle inequality of Renyi
+    divergence (Mironov 2017, Proposition 11), through the distribution ``R`` of the
+    steps without that sample::
+
+        D_a(P || Q) <= (a - 1/2) / (a - 1) D_2a(P || R) + D_(2a-1)(R || Q)
+
+    Both terms are add/remove divergences of the same steps, which Opacus' sampled
+    Gaussian RDP bounds (its bound holds in either direction; Mironov, Talwar and Zhang
+    2019). Orders must exceed 1."""
+    a = np.asarray(orders, dtype=np.float64)
+    if (a <= 1).any():
+        raise ValueError("substitution RDP needs orders above 1")
+    double = np.asarray(privacy_analysis.compute_rdp(q=q, noise_multiplier=sigma,
+                                                     steps=int(steps), orders=list(2 * a)))
+    odd = np.asarray(privacy_analysis.compute_rdp(q=q, noise_multiplier=sigma,
+                                                  steps=int(steps), orders=list(2 * a - 1)))
+    return np.asarray((a - 0.5) / (a - 1) * double + odd)
+
+
 def history_epsilon(history: list[tuple[float, ...]], delta: float,
                     mechanism: str = "rdp") -> float:
     """Epsilon at ``delta`` of an accountant's entries, by ``mechanism``'s accountant.
 
     Entries are Opacus' ``(noise_multiplier, sample_rate, steps)`` of DP-SGD (local DP),
-    or ``(noise_multiplier, 1.0, steps, l2, l1)`` of the Skellam mechanism (distributed
-    DP, :mod:`common.privacy.distributed`). A history holding Skellam entries (alone, or
-    beside earlier local-DP runs of the same site) is composed in RDP at the integer
-    orders of :data:`~common.privacy.distributed.INT_ALPHAS`: Opacus' subsampled
-    Gaussian RDP for DP-SGD entries, the Skellam bound for the others.
+    ``(noise_multiplier, sample_rate, steps, SUBSTITUTION)`` of DP-SGD over samples that a
+    unit's change substitutes (:func:`substitution_rdp`), or ``(noise_multiplier, 1.0,
+    steps, l2, l1)`` of the Skellam mechanism (distributed DP,
+    :mod:`common.privacy.distributed`). A history holding Skellam or substitution entries
+    (alone, or beside earlier local-DP runs of the same site) is composed in RDP at the
+    integer orders of :data:`~common.privacy.distributed.INT_ALPHAS`: Opacus' subsampled
+    Gaussian RDP for DP-SGD entries, the Skellam bound or the substitution bound for the
+    others. PRV has no form for either, so ``mechanism`` only chooses for plain entries.
     """
     if not history:
         return 0.0
-    if any(len(h) == 5 for h in history):
+    if any(len(h) in (4, 5) for h in history):
         from common.privacy.distributed import INT_ALPHAS, skellam_entry_rdp
 
         rdp = np.zeros(len(INT_ALPHAS))
         for entry in history:
             if len(entry) == 5:
                 rdp += skellam_entry_rdp(tuple(entry))
+            elif len(entry) == 4:
+                sigma, q, steps, kind = entry
+                if kind != SUBSTITUTION:
+                    raise ValueError(f"unknown accountant entry {tuple(entry)}")
+                rdp += _substitution_rdp_cached(float(sigma), float(q), int(steps))
             else:
                 sigma, q, steps = entry
                 rdp += np.asarray(privacy_analysis.compute_rdp(
@@ -116,6 +151,15 @@ def history_epsilon(history: list[tuple[float, ...]], delta: float,
     if mechanism == "rdp":
         return rdp_epsilon([(float(a), float(b), int(c)) for a, b, c in history], delta)
     return _prv_epsilon(_merged(history), float(delta))
+
+
+@functools.lru_cache(maxsize=1024)
+def _substitution_rdp_cached(sigma: float, q: float, steps: int) -> np.ndarray:
+    from common.privacy.distributed import INT_ALPHAS
+
+    rdp = substitution_rdp(sigma, q, 1, INT_ALPHAS) * steps
+    rdp.flags.writeable = False
+    return rdp
 
 
 def _merged(history: list[tuple[float, ...]]) -> tuple[tuple[float, float, int], ...]:
@@ -162,6 +206,9 @@ class DPPlan:
     """Distributed: one slide's L2 sensitivity on the quantised vector (integer units)."""
     l1_sensitivity: float = 0.0
     """Distributed: its L1 sensitivity."""
+    substitution: bool = False
+    """A unit's change substitutes one sample (MixPatch's mixing groups): accounted by
+    :func:`substitution_rdp`."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,6 +223,8 @@ class DPPlan:
         if self.distributed:
             return (self.noise_multiplier, self.sample_rate, steps, self.l2_sensitivity,
                     self.l1_sensitivity)
+        if self.substitution:
+            return (self.noise_multiplier, self.sample_rate, steps, SUBSTITUTION)
         return (self.noise_multiplier, self.sample_rate, steps)
 
     @property
@@ -188,8 +237,11 @@ class DPPlan:
 def plan_site(
     n_train: int, *, batch_size: int, local_epochs: int, rounds: int, epsilon: float,
     delta: float, max_grad_norm: float, max_noise_multiplier: float, accountant: str = "rdp",
+    substitution: bool = False,
 ) -> DPPlan:
     """Calibrate the noise so that ``rounds`` rounds spend at most ``epsilon`` at ``delta``.
+    With ``substitution`` a unit's change substitutes one of the ``n_train`` samples
+    (MixPatch's mixing groups): calibrated and accounted by :func:`substitution_rdp`.
 
     Calibration takes most of a second and every round's message builds the site anew,
     so plans are cached per process (the result is a frozen value).
@@ -208,7 +260,12 @@ def plan_site(
         )
     sample_rate, steps_per_round = plan_layout(n_train, batch_size, local_epochs)
     steps = rounds * steps_per_round
-    sigma = _calibrate(epsilon, delta, sample_rate, steps, "rdp")
+    if substitution:
+        sigma = _calibrate_entry(epsilon, delta, lambda s: (s, sample_rate, steps,
+                                                            SUBSTITUTION))
+        accountant = "rdp"  # PRV has no substitution form
+    else:
+        sigma = _calibrate(epsilon, delta, sample_rate, steps, "rdp")
     if accountant == "prv":
         # PRV where it is stable: below RDP's noise, and keeping the budget by PRV
         prv_sigma = _calibrate_prv(epsilon, delta, sample_rate, steps, sigma)
@@ -228,8 +285,29 @@ def plan_site(
     return DPPlan(
         sample_rate=sample_rate, steps_per_round=steps_per_round, noise_multiplier=float(sigma),
         max_grad_norm=max_grad_norm, epsilon_budget=epsilon, delta=delta,
-        accountant=accountant, planned_rounds=rounds,
+        accountant=accountant, planned_rounds=rounds, substitution=substitution,
     )
+
+
+def _calibrate_entry(epsilon: float, delta: float, entry: Any) -> float:
+    """The least noise multiplier (to 0.1 %) whose schedule ``entry(sigma)`` spends at most
+    ``epsilon`` by :func:`history_epsilon` (inf when even 1000 overspends)."""
+    def fits(sigma: float) -> bool:
+        return within_budget(history_epsilon([entry(sigma)], delta), epsilon)
+
+    high = 1.0
+    while not fits(high):
+        high *= 2
+        if high > 1000:
+            return math.inf
+    low = high / 2 if high > 1.0 else 0.0
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        if mid > 0 and fits(mid):
+            high = mid
+        else:
+            low = mid
+    return high
 
 
 def _calibrate(epsilon: float, delta: float, sample_rate: float, steps: int,
@@ -317,6 +395,7 @@ def restore_plan(saved: Any, n_train: int, **settings: Any) -> DPPlan | None:
     if ((plan.sample_rate, plan.steps_per_round) != expected
             or (plan.mode, plan.l2_sensitivity, plan.l1_sensitivity) != (
                 settings.get("mode", "local"), *sensitivity)
+            or plan.substitution != bool(settings.get("substitution", False))
             or (plan.max_grad_norm, plan.epsilon_budget, plan.delta,
                 plan.planned_rounds) != (settings["max_grad_norm"], settings["epsilon"],
                                          settings["delta"], settings["rounds"])
@@ -537,7 +616,7 @@ def independent_epsilon(
     return history_epsilon([tuple(h) for h in history], delta, mechanism)
 
 
-__all__ = ["BUDGET_SLACK", "RDP_ALPHAS", "DPPlan", "SiteAccountant", "history_epsilon",
+__all__ = ["BUDGET_SLACK", "RDP_ALPHAS", "SUBSTITUTION", "DPPlan", "SiteAccountant", "history_epsilon",
            "independent_epsilon", "make_private", "opacus_rdp_epsilon", "plan_distributed",
-           "plan_site", "rdp_epsilon", "restore_plan",
+           "plan_site", "rdp_epsilon", "restore_plan", "substitution_rdp",
            "use_csprng_noise", "within_budget"]
