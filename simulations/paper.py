@@ -394,9 +394,12 @@ def _series(summary: dict[str, Any]) -> str:
     kind = "distributed DP" if overrides.pop("dp-mode", "local") == "distributed" else "local DP"
     engine = " + SecAgg+ (Flower)" if summary["secagg"] else ""
     strategy = overrides.pop("server-optimizer", "fedavg")
-    if "prox-mu" in overrides:
+    if overrides.pop("prox-mu", None) is not None:
         strategy += " + FedProx"
-    return f"{kind}, {strategy}{engine}"
+    for tuning in ("rounds", "server-lr", "server-momentum"):  # the same series, tuned
+        overrides.pop(tuning, None)
+    extra = "".join(f", {k} {v}" for k, v in sorted(overrides.items()))
+    return f"{kind}, {strategy}{engine}{extra}"
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
