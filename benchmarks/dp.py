@@ -37,8 +37,8 @@ def _batch(model_name: str, args: argparse.Namespace) -> tuple[Any, list[Any]]:
     from common.models import build_model, model_spec
 
     torch.manual_seed(0)
-    name = {"mil": "gated-attention-mil", "cnn": "residual-patch-cnn"}.get(model_name,
-                                                                          model_name)
+    name = {"mil": "gated-attention-mil", "cnn": "residual-patch-cnn",
+            "cnn-mixpatch": "residual-patch-cnn"}.get(model_name, model_name)
     kind = model_spec(name).kind
     if kind == "bags":
         model = build_model(name, in_dim=args.features)
@@ -57,6 +57,8 @@ def _batch(model_name: str, args: argparse.Namespace) -> tuple[Any, list[Any]]:
         return model, [x, mask, torch.randint(0, 2, (args.bags,)).float()]
     model = build_model(name, patch_size=args.patch_size, dropout=0.0)
     x = torch.randn(args.slides, args.patches, 3, args.patch_size, args.patch_size)
+    if model_name == "cnn-mixpatch":  # a mixing group's patches with their soft labels
+        return model, [x, torch.randint(0, 5, (args.slides, args.patches)).float() / 4]
     return model, [x, torch.randint(0, 2, (args.slides,)).float()]
 
 
@@ -194,7 +196,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--slides", type=int, default=8, help="patch-CNN batch (slides)")
     parser.add_argument("--patches", type=int, default=8, help="patches per slide")
     parser.add_argument("--patch-size", type=int, default=32)
-    parser.add_argument("--models", nargs="+", default=["mil", "cnn"])
+    parser.add_argument("--models", nargs="+", default=["mil", "cnn"],
+                        help="mil, cnn, cnn-mixpatch (MixPatch's soft labels), a registered "
+                        "model's name, or all")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     args = parser.parse_args(argv)
     console = Console()
