@@ -193,6 +193,7 @@ def publish_app(project: Path, store: Path, signing_key: Path, workdir: Path) ->
     if result.returncode != 0 or not built:
         raise RuntimeError(f"flwr build failed: {(result.stdout + result.stderr)[-800:]}")
     content = built[0].read_bytes()
+    _check_fab_names(built[0])
     key = serialization.load_ssh_private_key(signing_key.read_bytes(), password=None)
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise ValueError(f"{signing_key}: not an Ed25519 key")
@@ -205,6 +206,19 @@ def publish_app(project: Path, store: Path, signing_key: Path, workdir: Path) ->
         "public_key_id": APP_KEY_ID, "signed_at": signed_at,
         "signature": base64.urlsafe_b64encode(signature).rstrip(b"=").decode()}]))
     return spec
+
+
+def _check_fab_names(fab: Path) -> None:
+    """Refuse a FAB holding a file whose name has a comma: Flower lists the FAB's files
+    as ``path,sha256,size`` lines and every install of it fails (exit code 201)."""
+    import zipfile
+
+    with zipfile.ZipFile(fab) as bundle:
+        bad = [name for name in bundle.namelist() if "," in name]
+    if bad:
+        raise RuntimeError(f"the Flower app would bundle {bad[0]!r} (and {len(bad) - 1} "
+                           "more): a comma in a file name breaks Flower's install of the "
+                           "app; rename it (or ignore it in .gitignore)")
 
 
 # ---- the launcher ---------------------------------------------------------------------------

@@ -268,8 +268,9 @@ def run_row(row: str, data: Path, out: Path, cfg: FederationConfig, folds: int, 
         secagg = {"secagg": True} if overrides.get("dp-mode") == "distributed" else {}
         cfg = FederationConfig.from_mapping({**cfg.to_run_config(), **secagg, **overrides},
                                             "--set")
+    # no commas in file names: Flower's app bundle lists its files as CSV lines
     name = (f"{row}-eps{cfg.epsilon:g}" if dp else row) + "".join(
-        f"-{k}={v}" for k, v in sorted(overrides.items()))
+        f"-{k}={v}" for k, v in sorted(overrides.items())).replace(",", "+")
     results: list[dict[str, Any]] = []
     start = time.perf_counter()
     jobs: list[tuple[int, int | None, FederationConfig, list[Path]]] = []

@@ -153,3 +153,20 @@ def test_sites_start_flowers_supernode_through_the_seam(tmp_path: Any) -> None:
     (tmp_path / "site.json").write_text(json.dumps({"name": "a", "superlink": "h:1"}))
     cmd = supernode_command(tmp_path, "a", str(tmp_path), tmp_path, insecure=True)
     assert cmd[1:3] == ["-m", "client.supernode"] and "--superlink" in cmd
+
+
+def test_an_app_bundle_with_a_comma_in_a_file_name_is_refused(tmp_path) -> None:
+    """Flower lists a FAB's files as CSV lines: a comma in a name fails every install
+    (exit code 201, found when paper rows named files after 'hidden_dim=8,attention_dim=4')."""
+    import zipfile
+
+    from server.superlink import _check_fab_names
+
+    for name, files in (("ok.fab", ["server/app.py", "docs/results/a=1+2.json"]),
+                        ("bad.fab", ["server/app.py", "docs/results/a=1,2.json"])):
+        with zipfile.ZipFile(tmp_path / name, "w") as bundle:
+            for member in files:
+                bundle.writestr(member, "x")
+    _check_fab_names(tmp_path / "ok.fab")
+    with pytest.raises(RuntimeError, match="'docs/results/a=1,2.json'.*rename it"):
+        _check_fab_names(tmp_path / "bad.fab")
