@@ -55,8 +55,12 @@ def _batch(model_name: str, args: argparse.Namespace) -> tuple[Any, list[Any]]:
         x[..., -layout.children:] = 1.0  # every child present
         mask = torch.ones(args.bags, regions, dtype=torch.bool)
         return model, [x, mask, torch.randint(0, 2, (args.bags,)).float()]
-    model = build_model(name, patch_size=args.patch_size, dropout=0.0)
     x = torch.randn(args.slides, args.patches, 3, args.patch_size, args.patch_size)
+    if model_spec(name).trains == "adversarial":  # the DP step is the discriminator's
+        gan: Any = build_model(name, patch_size=args.patch_size)
+        return gan.discriminator, [x, torch.randn_like(x),
+                                   torch.randint(0, 2, (args.slides,)).float()]
+    model = build_model(name, patch_size=args.patch_size, dropout=0.0)
     if model_name == "cnn-mixpatch":  # a mixing group's patches with their soft labels
         return model, [x, torch.randint(0, 5, (args.slides, args.patches)).float() / 4]
     return model, [x, torch.randint(0, 2, (args.slides,)).float()]

@@ -5,7 +5,7 @@
 to one hospital under its own DP budget), ``consortium``
 and ``site`` (keys; a hospital's SuperNode), ``server`` and ``run`` (the SuperLink; a
 federated run), ``audit`` (the privacy ledger), ``checkpoint`` (released models),
-``models`` (the model and encoder registries). Heavy
+``models`` (the model and encoder registries), ``synthesize`` (patches from a DP GAN). Heavy
 imports (torch, Flower, Ray) happen inside the commands, so ``pathfed --help`` and
 bad-input errors are instant. Bad input exits with code 2 and one line per problem.
 """
@@ -27,13 +27,14 @@ from cli import (
     prepare,
     server,
     simulate,
+    synthesize,
 )
 from cli._shared import EXIT_BAD_INPUT
 from common.errors import ConfigError, DataError, PathFedError, UnknownModelError
 from common.logs import setup_logging
 
 COMMANDS = (simulate, prepare, predict, finetune, consortium, server, audit, checkpoint,
-            models, plan)
+            models, plan, synthesize)
 
 
 def build_parser() -> argparse.ArgumentParser:

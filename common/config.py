@@ -232,6 +232,16 @@ class FederationConfig(BaseModel):
         from common.models import parse_model_options
 
         parse_model_options(self.model, self.model_options)
+        if MODELS[self.model].trains == "adversarial":
+            clash = [name for name, on in (
+                ("mixpatch", self.mixpatch), ("scaffold", self.scaffold),
+                ("prox-mu", self.prox_mu > 0), ("dp-mode", self.dp_mode == "distributed"),
+                ("optimizer", self.optimizer != "adam")) if on]
+            if clash:
+                raise ValueError(f"{clash[0]}: model {self.model!r} trains a generator and a "
+                                 "discriminator with Adam, in local DP, without mixpatch, "
+                                 "scaffold or prox-mu; set optimizer = \"adam\" and leave "
+                                 "the others at their defaults")
         if self.mixpatch and MODELS[self.model].kind != "patches":
             raise ValueError(f"mixpatch: mixes image patches, and model {self.model!r} "
                              "trains on features; use a patch model (residual-patch-cnn)")

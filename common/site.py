@@ -26,7 +26,7 @@ from common.errors import ConfigError, PathFedError, PrivacyBudgetExhausted
 from common.metrics import EvalCounts
 from common.models import build_model
 from common.privacy import DPPlan, SiteAccountant, plan_distributed, plan_site, restore_plan
-from common.training import NDArrays, evaluate, local_train, set_weights
+from common.training import NDArrays, adversarial_train, evaluate, local_train, set_weights
 
 log = logging.getLogger(__name__)
 
@@ -444,6 +444,12 @@ class Site:
         share = None
         if self.plan is not None and self.plan.distributed:
             result, share = self._distributed_step(model, server_round, seed, sites_in_sum)
+        elif getattr(model, "adversarial", False):
+            result = adversarial_train(
+                model, self._dataset("train", server_round), epochs=self.cfg.local_epochs,
+                batch_size=self.cfg.batch_size, lr=self.cfg.lr, plan=self.plan,
+                accountant=self.accountant, seed=seed, max_grad_norm=self.cfg.max_grad_norm,
+                noise=self.noise)
         else:
             # substitution steps are recorded by the plan, not as Opacus' add/remove steps
             substitution = self.plan is not None and self.plan.substitution

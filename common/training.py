@@ -188,6 +188,95 @@ def local_train(
     )
 
 
+def adversarial_train(
+    model: nn.Module,
+    data: TensorDataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    plan: DPPlan | None = None,
+    accountant: SiteAccountant | None = None,
+    seed: int | None = None,
+    max_grad_norm: float | None = None,
+    noise: str = "seeded",
+) -> TrainResult:
+    """Train a GAN (``model.generator``, ``model.discriminator``; :mod:`common.models.dp_gan`)
+    in place on ``data`` = ``(patches[n, k, 3, P, P], labels)`` for ``epochs``.
+
+    Each step: the discriminator's step over a (Poisson) batch of slides, each slide's
+    ``k`` real patches against ``k`` generated ones of its classes; with ``plan`` a DP-SGD
+    step (per-slide gradients by ``torch.func``, clipped and noised by Opacus, recorded in
+    ``accountant``), else a plain one clipped at ``max_grad_norm``. Then one generator
+    step through the updated discriminator on noise and uniformly drawn classes: it sees
+    no real patch (post-processing of the discriminator's private weights). Both use Adam
+    at its default betas, whose per-step bound the server's update check assumes
+    (:data:`common.checks.ADAM_STEP_BOUND`). The update covers both networks.
+    """
+    from torch.nn import functional as F
+
+    start = get_weights(model)
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    gen_net, disc = cast(Any, model).generator, cast(Any, model).discriminator
+    d_params = [p for p in disc.parameters() if p.requires_grad]
+    g_params = [p for p in gen_net.parameters() if p.requires_grad]
+    opt_d: torch.optim.Optimizer = torch.optim.Adam(d_params, lr=lr)
+    opt_g = torch.optim.Adam(g_params, lr=lr)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+    if plan is not None:
+        if accountant is None:
+            raise ValueError("DP training needs the site's accountant")
+        from common.privacy import make_private
+
+        _, opt_d, loader = make_private(disc, opt_d, loader, plan, accountant, generator,
+                                        per_sample="vmap", noise=noise,
+                                        seeded=seed is not None)
+    model.train()
+    losses, steps = [], 0
+    for _ in range(epochs):
+        for real, labels in loader:
+            b, k = real.shape[:2]
+            y = labels.round().long()
+            y = y.unsqueeze(1).expand(b, k) if y.dim() == 1 else y
+            fake = torch.zeros_like(real)
+            if b:  # an empty Poisson batch still takes a (noise-only) DP step
+                with torch.no_grad():
+                    z = torch.randn(b * k, gen_net.latent, generator=generator)
+                    fake = gen_net(z, y.reshape(-1)).reshape(real.shape)
+            opt_d.zero_grad(set_to_none=True)
+            if plan is not None:
+                loss = _vmap_grad_samples(disc, [real, fake, labels])
+            else:
+                loss = _mean_loss(disc, [real, fake, labels])
+                loss.backward()  # type: ignore[no-untyped-call]
+                if max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(d_params, max_grad_norm)
+            opt_d.step()
+            # the generator's step: noise and public classes through the private critic
+            count = max(b, batch_size) * k
+            z = torch.randn(count, gen_net.latent, generator=generator)
+            classes = torch.randint(0, 2, (count,), generator=generator)
+            opt_g.zero_grad(set_to_none=True)
+            g_loss = F.softplus(-disc(gen_net(z, classes), classes)).mean()
+            g_loss.backward()  # type: ignore[no-untyped-call]
+            opt_g.step()
+            for p in d_params:  # the generator's backward reached the critic: not a step
+                p.grad = None
+            steps += 1
+            if b:
+                losses.append(float(loss.detach()))
+    end = get_weights(model)
+    update = [b - a for a, b in zip(start, end)]
+    epsilon = accountant.epsilon(plan.delta) if (plan is not None and accountant) else 0.0
+    return TrainResult(update=update, n_samples=len(data), steps=steps,
+                       loss=float(np.mean(losses)) if losses else float("nan"),
+                       epsilon=epsilon)
+
+
 def add_proximal_term(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
                       mu: float) -> None:
     """FedProx (Li et al. 2020): before each step of ``optimizer`` (the torch optimiser
@@ -230,6 +319,9 @@ def add_gradient_correction(optimizer: torch.optim.Optimizer,
 def evaluate(model: nn.Module, data: TensorDataset, batch_size: int = 64) -> EvalCounts:
     """Evaluation counts of ``model`` on ``data`` (loss, confusion, score histograms)."""
     model.eval()
+    own = getattr(model, "eval_counts", None)
+    if callable(own):  # a model with its own validation (a GAN's real-vs-generated)
+        return cast(EvalCounts, own(data))
     logits, labels, loss_sum = [], [], 0.0
     for batch in DataLoader(data, batch_size=batch_size):
         *inputs, y = batch

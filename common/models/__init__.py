@@ -59,6 +59,10 @@ MODELS: dict[str, ModelSpec] = {
                                 "high-power patches, gated attention over regions (the seed's "
                                 "MC-ViT idea)", {**_MIL_OPTIONS, "scales": "both"},
                                 {"scales": ("both", "high", "low")}),
+    "dp-gan": ModelSpec("common.models.dp_gan:dp_gan", "patches",
+                        "conditional DCGAN of patches (GroupNorm); the discriminator trains "
+                        "with DP-SGD, the generator only through it (`pathfed synthesize`)",
+                        {"latent": 64, "width": 32}, trains="adversarial"),
     "residual-patch-cnn": ModelSpec("common.models.patch_cnn:residual_patch_cnn", "patches",
                                     "the seed's residual patch CNN (GroupNorm)", {}),
 }

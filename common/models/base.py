@@ -69,6 +69,10 @@ class ModelSpec:
     """Constructor options and their defaults (beyond the data size)."""
     choices: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     """The allowed values of options that take one of a few (e.g. a kernel's name)."""
+    trains: Literal["classifier", "adversarial"] = "classifier"
+    """``adversarial``: a generator and a discriminator, trained by
+    :func:`common.training.adversarial_train` (its samples are what it makes, not a
+    prediction)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
