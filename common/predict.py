@@ -507,6 +507,11 @@ def predict(inputs: str | Path, model_path: str | Path, out: str | Path,
     if card is None:
         raise ConfigError(f"{where}: a round checkpoint carries no model card (model, "
                           "features, threshold); give the run folder or its model.npz")
+    from common.models import model_spec
+
+    if model_spec(card.model).trains == "adversarial":
+        raise ConfigError(f"{where}: model {card.model!r} generates patches, it does not "
+                          "classify slides; draw from it with `pathfed synthesize`")
     if card.features in ("synthetic", "site file", "unknown"):
         raise ConfigError(f"{where}: the model was trained on {card.features} data; nothing "
                           "records how its features were made, so no slide can be prepared "

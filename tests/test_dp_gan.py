@@ -110,6 +110,10 @@ def test_gan_trains_in_federation_audits_and_synthesizes(ucsb: Path, tmp_path: P
     assert [r["label"] for r in rows] == ["0", "1"] * 3
     one_class = synthesize(tmp_path / "run", 3, tmp_path / "malignant", "malignant")
     assert all("malignant" in p.name for p in one_class)
+    with pytest.raises(ConfigError, match="generates patches.*pathfed synthesize"):
+        from common.predict import predict
+
+        predict(ucsb, tmp_path / "run", tmp_path / "predicted")
     cli = run_cli("synthesize", str(tmp_path / "run"), "--n", "2", "--out",
                   str(tmp_path / "cli"))
     assert cli.returncode == 0 and len(list((tmp_path / "cli").glob("*.png"))) == 2
