@@ -114,6 +114,8 @@ def fid(args: argparse.Namespace) -> str:
     feats = {c: color_texture(real[c][rng.permutation(len(real[c]))[:DRAWN]]) for c in real}
     labels = np.arange(DRAWN) % 2
     rows: list[dict[str, Any]] = []
+    sheet = {"real": np.concatenate([real[c][rng.permutation(len(real[c]))[:8]]
+                                     for c in (0, 1)])}
     halves = {c: np.array_split(color_texture(real[c]), 2) for c in real}
     floor = {c: frechet_distance(*halves[c]) for c in real}
     rows.append({"setting": "real vs real (two halves of the patches)", "epsilon": None,
@@ -126,6 +128,8 @@ def fid(args: argparse.Namespace) -> str:
         weights, spent = train_inprocess(cfg, [folder / f"site-{h}.npz"
                                                for h in range(HOSPITALS)])
         drawn = draw(_gan(cfg, weights), labels, seed=1)
+        sheet["no DP" if eps is None else f"epsilon {eps:g}"] = np.concatenate(
+            [drawn[labels == c][:8] for c in (0, 1)])
         fd = {str(c): frechet_distance(feats[c], color_texture(drawn[labels == c]))
               for c in (0, 1)}
         rows.append({"setting": f"dp-gan, {'no DP' if eps is None else f'epsilon {eps:g}'}",
@@ -146,7 +150,27 @@ def fid(args: argparse.Namespace) -> str:
                      f"{r['fd']['1']:.4f} | {fd_mean:.4f} |")
     (args.out / "fid.json").write_text(json.dumps(rows, indent=1))
     _plot(args.out, rows)
+    _samples(args.out / "samples.png", sheet)
     return "\n".join(lines)
+
+
+def _samples(path: Path, sheet: dict[str, np.ndarray]) -> None:
+    """One row of 16 patches (8 benign, then 8 malignant) per source."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(sheet), 1, figsize=(8, 0.75 * len(sheet) + 0.3))
+    for ax, (name, patches) in zip(np.atleast_1d(axes), sheet.items()):
+        ax.imshow(np.concatenate(list(patches), axis=1))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle("8 benign, then 8 malignant patches (32 px)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _plot(out: Path, rows: list[dict[str, Any]]) -> None:
