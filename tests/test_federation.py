@@ -129,9 +129,9 @@ def test_two_site_secagg_equals_plain_average(tmp_path: Path) -> None:
     run_inprocess(plain, run_dir=plain.out)
     effect, _ = _max_diff_and_tolerance(cfgs[1], plain, rnd=2)
     assert effect > 4 * worst, (effect, worst)  # 7.8x measured
-    for site in ("site-0", "site-1"):
-        state = SiteStore(site, Path(cfgs[0].out).parent / "run-True.sites" / site)
-        assert (state.run_state("default") or {}).get("scaffold")
+    for site in ("site-0", "site-1"):  # each keeps its own variate in its site state
+        runs = SiteStore(site, Path(cfgs[0].out).parent / "run-True.sites" / site).data["runs"]
+        assert len(runs) == 1 and next(iter(runs.values())).get("scaffold")
 
 
 def test_epsilon_grows_and_matches_an_independent_accountant(runs: dict[str, Any]) -> None:
