@@ -100,6 +100,27 @@ class _LossView(nn.Module):
         return cast(Any, self.model).sample_losses(*batch)
 
 
+def _generator(seed: int | None) -> torch.Generator:
+    """The round's generator (sampling, noise): seeded, or from the OS when ``seed`` is None."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def _result(model: nn.Module, start: NDArrays, n_samples: int, steps: int,
+            losses: list[float], plan: DPPlan | None, accountant: SiteAccountant | None
+            ) -> TrainResult:
+    """The round's update (the weights now minus ``start``) and what it spent."""
+    update = [b - a for a, b in zip(start, get_weights(model))]
+    epsilon = accountant.epsilon(plan.delta) if (plan is not None and accountant) else 0.0
+    return TrainResult(update=update, n_samples=n_samples, steps=steps,
+                       loss=float(np.mean(losses)) if losses else float("nan"),
+                       epsilon=epsilon)
+
+
 def local_train(
     model: nn.Module,
     data: TensorDataset,
@@ -133,11 +154,7 @@ def local_train(
     same place: SCAFFOLD's ``c - c_i`` (:mod:`common.scaffold`), equally free.
     """
     start = get_weights(model)
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    generator = _generator(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt: torch.optim.Optimizer = (
         torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr)
@@ -179,13 +196,7 @@ def local_train(
                     losses.append(float(loss.detach()))
     if plan is not None and not vmap_grads:
         train_model.remove_hooks()  # type: ignore[operator]
-    end = get_weights(model)
-    update = [b - a for a, b in zip(start, end)]
-    epsilon = accountant.epsilon(plan.delta) if (plan is not None and accountant) else 0.0
-    return TrainResult(
-        update=update, n_samples=len(data), steps=steps,
-        loss=float(np.mean(losses)) if losses else float("nan"), epsilon=epsilon,
-    )
+    return _result(model, start, len(data), steps, losses, plan, accountant)
 
 
 def adversarial_train(
@@ -216,11 +227,7 @@ def adversarial_train(
     from torch.nn import functional as F
 
     start = get_weights(model)
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    generator = _generator(seed)
     gen_net, disc = cast(Any, model).generator, cast(Any, model).discriminator
     d_params = [p for p in disc.parameters() if p.requires_grad]
     g_params = [p for p in gen_net.parameters() if p.requires_grad]
@@ -269,12 +276,7 @@ def adversarial_train(
             steps += 1
             if b:
                 losses.append(float(loss.detach()))
-    end = get_weights(model)
-    update = [b - a for a, b in zip(start, end)]
-    epsilon = accountant.epsilon(plan.delta) if (plan is not None and accountant) else 0.0
-    return TrainResult(update=update, n_samples=len(data), steps=steps,
-                       loss=float(np.mean(losses)) if losses else float("nan"),
-                       epsilon=epsilon)
+    return _result(model, start, len(data), steps, losses, plan, accountant)
 
 
 def add_proximal_term(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],

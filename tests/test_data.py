@@ -278,3 +278,22 @@ def test_image_folders_can_be_stain_normalised(tmp_path: Path) -> None:
         ";stain=macenko:default")
     assert FederationConfig(stain_normalize="reinhard").to_run_config()[
         "stain-normalize"] == "reinhard"
+
+
+def test_a_site_file_rewritten_in_place_is_read_again(tmp_path: Path) -> None:
+    """Experiments rewrite one fold folder per fold: the per-process cache of sites must
+    never serve the previous fold's slides (it did, and leaked test images into training)."""
+    from common.data.bags import BagSet, SiteData, save_site_file
+    from common.data.sources import load_site
+
+    path = tmp_path / "site-0.npz"
+
+    def write(value: float) -> None:
+        bags = BagSet(tuple(np.full((3, 2), value, np.float32) for _ in range(4)),
+                      np.array([0, 1, 0, 1]), tuple(f"s{i}" for i in range(4)))
+        save_site_file(SiteData("site-0", bags, bags), path)
+
+    write(1.0)
+    assert load_site(0, 1, str(path), 0, 0.3).train.bags[0][0, 0] == 1.0
+    write(2.0)
+    assert load_site(0, 1, str(path), 0, 0.3).train.bags[0][0, 0] == 2.0

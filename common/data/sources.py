@@ -94,7 +94,6 @@ def site_folder_file(folder: Path, index: int, n_sites: int) -> Path:
     return folder / SITE_FILE.format(index=index)
 
 
-@lru_cache(maxsize=8)
 def load_site(
     index: int, n_sites: int, data: str, seed: int, val_fraction: float,
     synthetic_bags: int = 300, patch_size: int = 32, encoder: str = "color-texture",
@@ -108,8 +107,39 @@ def load_site(
     multi-scale regions (:mod:`common.data.multiscale`), and data with one scale is a
     :class:`DataError` saying how to get two; without it, multi-scale data gives its
     high-power patches. Results are cached per process, so a simulated site embeds its
-    images once.
+    images once; the cache knows each input file by its size and modification time, so a
+    file rewritten in place (the folds of an experiment) is read again, never served
+    from the cache.
     """
+    return _load_site(index, n_sites, data, seed, val_fraction, synthetic_bags, patch_size,
+                      encoder, multiscale, stain, _stamp(data))
+
+
+def _stamp(data: str) -> tuple[tuple[str, int, int], ...]:
+    """What identifies ``data``'s contents for the cache: size and modification time of
+    the file, or of a folder's ``labels.csv``, manifest and site files."""
+    if not data:
+        return ()
+    path = Path(data)
+    files = ([path] if path.is_file() else
+             [path / LABELS, path / MANIFEST, *sorted(path.glob("site-*.npz"))]
+             if path.is_dir() else [])
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        out.append((f.name, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+@lru_cache(maxsize=8)
+def _load_site(
+    index: int, n_sites: int, data: str, seed: int, val_fraction: float,
+    synthetic_bags: int, patch_size: int, encoder: str, multiscale: bool, stain: str,
+    stamp: tuple[tuple[str, int, int], ...],
+) -> SiteData:
     source = detect_source(data)
     if source.kind == "synthetic":
         from common.data.synthetic import synthetic_multiscale_site, synthetic_site
