@@ -137,7 +137,8 @@ class RoundBook:
         self.started = time.perf_counter()
         self.server_opt = ServerOptimizer.from_config(cfg)
         """How an accepted aggregate becomes the next global model (FedAvg by default)."""
-        self.scaffold = Scaffold(cfg.lr, cfg.sites) if cfg.scaffold else None
+        self.scaffold = (Scaffold(cfg.lr, cfg.sites, cfg.local_epochs, cfg.batch_size)
+                         if cfg.scaffold else None)
         """SCAFFOLD's server control variate, updated from each aggregate."""
         if self.stateful and run is not None and round_offset:
             self._restore_server_opt(round_offset)
@@ -244,7 +245,7 @@ class RoundBook:
             return False
         self.global_weights = self.server_opt.step(self.global_weights, mean_update)
         if self.scaffold is not None:
-            self.scaffold.step(mean_update, [(int(n), m) for _, n, m in accepted])
+            self.scaffold.step(mean_update, [int(n) for _, n, _ in accepted])
         for site, n, metrics in accepted:
             if site not in self.declared:
                 log.info("%s: %s", site, plan_line(int(n), metrics))

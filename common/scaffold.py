@@ -14,10 +14,13 @@ and the server, with ``S`` the sites whose updates were aggregated out of ``N``:
 **No second vector.** SCAFFOLD's sites send ``c_i(new) - c_i`` beside their update, which
 would double the SecAgg+ vector. Here the server derives that sum from the aggregate it
 already unmasks: ``mean_i u_i / (K_i lr)`` is the aggregate ``u`` (the weighted mean of the
-updates) over ``K lr``, with ``K`` the weighted mean of the sites' step counts. This is
-SCAFFOLD's update exactly when the sites of a round take equal numbers of steps (as
-sites of equal size do) and an approximation otherwise; ``tests/test_scaffold.py`` checks
-that ``c`` stays the mean of the ``c_i`` under full participation.
+updates) over ``K lr``, with ``K`` the weighted mean of the sites' step counts. The server
+computes each ``K_i`` from the site's weight and the run's settings (``local-epochs x
+ceil(n / batch-size)``, the steps of Opacus' Poisson loader and of plain batches alike),
+never from what the site says, so a site cannot inflate ``c``. This is SCAFFOLD's update
+exactly when the sites of a round take equal numbers of steps (as sites of equal size
+do) and an approximation otherwise; ``tests/test_scaffold.py`` checks that ``c`` stays
+the mean of the ``c_i`` under full participation.
 
 **Privacy.** The correction ``c - c_i`` is added to the gradient after DP-SGD has clipped
 and noised it (as FedProx's term): it is a function of earlier released, already private
@@ -31,9 +34,9 @@ there (one full-batch step per round has no client drift to correct anyway).
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -61,11 +64,19 @@ class Scaffold:
     Args:
         lr: the sites' local learning rate.
         sites: ``N``, the sites of the federation.
+        epochs, batch_size: the sites' local epochs and (expected) batch size, which
+            give a site of ``n`` samples ``epochs x ceil(n / batch_size)`` steps.
     """
 
     lr: float
     sites: int
+    epochs: int = 1
+    batch_size: int = 1
     control: NDArrays = field(default_factory=list)
+
+    def steps(self, n: int) -> int:
+        """Local steps of a site of ``n`` samples in one round."""
+        return self.epochs * math.ceil(n / self.batch_size)
 
     def ensure(self, shapes: Sequence[tuple[int, ...]]) -> NDArrays:
         """``c`` (zeros before the first round)."""
@@ -73,12 +84,11 @@ class Scaffold:
             self.control = [np.zeros(shape, np.float64) for shape in shapes]
         return self.control
 
-    def step(self, mean_update: NDArrays, accepted: Sequence[tuple[int, Mapping[str, Any]]]
-             ) -> None:
-        """Update ``c`` from the round's aggregate and the accepted ``(n_samples,
-        metrics)`` replies (their declared ``steps``)."""
-        total = sum(n for n, _ in accepted)
-        steps = sum(n * float(m.get("steps", 0)) for n, m in accepted) / total if total else 0
+    def step(self, mean_update: NDArrays, accepted: Sequence[int]) -> None:
+        """Update ``c`` from the round's aggregate and the accepted replies' sample counts
+        (their weights in the aggregate, already checked by the server)."""
+        total = sum(accepted)
+        steps = sum(n * self.steps(n) for n in accepted) / total if total else 0
         if steps <= 0:
             return
         control = self.ensure([np.shape(u) for u in mean_update])

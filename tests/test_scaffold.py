@@ -12,15 +12,17 @@ from common.errors import ConfigError, PathFedError
 from common.scaffold import Scaffold, decode, encode, site_control
 
 
-def _run_rounds(weights: list[int], steps: list[int], rounds: int, sample: int,
+def _run_rounds(weights: list[int], rounds: int, sample: int, epochs: int, batch: int,
                 seed: int = 0) -> tuple[list[np.ndarray], Scaffold]:
     """Sites' and server's variates after ``rounds`` of random updates, ``sample`` sites
-    a round (uniformly drawn), with the server's update from the weighted mean alone."""
+    a round (uniformly drawn), with the server's update from the weighted mean alone;
+    each site takes the steps its size gives it."""
     rng = np.random.default_rng(seed)
     lr, shape = 0.3, (4, 3)
     sites = len(weights)
     own = [np.zeros(shape) for _ in range(sites)]
-    server = Scaffold(lr, sites)
+    server = Scaffold(lr, sites, epochs, batch)
+    steps = [server.steps(n) for n in weights]
     for _ in range(rounds):
         c = server.ensure([shape])[0].copy()
         chosen = sorted(rng.choice(sites, sample, replace=False))
@@ -29,15 +31,15 @@ def _run_rounds(weights: list[int], steps: list[int], rounds: int, sample: int,
             own[i] = site_control([own[i]], [c], [updates[i]], steps[i], lr)[0]
         total = sum(weights[i] for i in chosen)
         mean = sum(weights[i] * updates[i] for i in chosen) / total
-        server.step([mean], [(weights[i], {"steps": steps[i]}) for i in chosen])
+        server.step([mean], [weights[i] for i in chosen])
     return own, server
 
 
 def test_server_variate_is_the_mean_of_the_sites_under_full_participation() -> None:
     """SCAFFOLD's invariant c = mean(c_i), kept by the server from the aggregate alone
     (sites of unequal weights, equal steps: the weighted mean)."""
-    weights = [3, 7, 5]
-    own, server = _run_rounds(weights, [4, 4, 4], rounds=5, sample=3)
+    weights = [3, 7, 5]  # one batch of 8 each: 4 steps in 4 epochs
+    own, server = _run_rounds(weights, rounds=5, sample=3, epochs=4, batch=8)
     expected = sum(w * c for w, c in zip(weights, own)) / sum(weights)
     np.testing.assert_allclose(server.control[0], expected, rtol=1e-12, atol=1e-12)
     assert np.abs(server.control[0]).max() > 0.1  # not vacuous
@@ -46,8 +48,25 @@ def test_server_variate_is_the_mean_of_the_sites_under_full_participation() -> N
 def test_server_variate_follows_scaffold_under_partial_participation() -> None:
     """2 of 5 equal sites a round: c = (1/N) sum of all c_i, as SCAFFOLD's server update
     c += (1/N) sum_S (c_i+ - c_i) keeps it."""
-    own, server = _run_rounds([6] * 5, [3] * 5, rounds=8, sample=2)
+    own, server = _run_rounds([6] * 5, rounds=8, sample=2, epochs=3, batch=4)
     np.testing.assert_allclose(server.control[0], sum(own) / 5, rtol=1e-12, atol=1e-12)
+
+
+def test_the_server_counts_a_sites_steps_from_its_weight_not_its_word() -> None:
+    """K_i = local-epochs x ceil(n / batch-size), as Opacus' Poisson loader and plain
+    batches take them: a site's declared steps never enter c."""
+    server = Scaffold(0.1, 2, epochs=2, batch_size=4)
+    assert [server.steps(n) for n in (1, 4, 5, 9)] == [2, 2, 4, 6]
+    from common.config import FederationConfig
+    from common.site import Site, initial_model
+    from common.training import get_weights
+
+    cfg = FederationConfig.from_mapping({"sites": 2, "synthetic-bags": 40, "local-epochs": 2,
+                                         "batch-size": 8, "scaffold": True})
+    weights = get_weights(initial_model(cfg))
+    report = Site(cfg, 0).train(weights, 1, control=[np.zeros(w.shape) for w in weights])
+    book_side = Scaffold(cfg.lr, 2, cfg.local_epochs, cfg.batch_size)
+    assert report.metrics["steps"] == book_side.steps(report.n_samples)
 
 
 def test_site_variate_is_option_two() -> None:
