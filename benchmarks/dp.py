@@ -60,6 +60,9 @@ def _batch(model_name: str, args: argparse.Namespace) -> tuple[Any, list[Any]]:
         gan: Any = build_model(name, patch_size=args.patch_size)
         return gan.discriminator, [x, torch.randn_like(x),
                                    torch.randint(0, 2, (args.slides,)).float()]
+    if model_spec(name).trains == "segmenter":  # targets: each patch's annotation mask
+        masks = torch.rand(args.slides, args.patches, args.patch_size, args.patch_size) > 0.8
+        return build_model(name, patch_size=args.patch_size), [x, masks.float()]
     model = build_model(name, patch_size=args.patch_size, dropout=0.0)
     if model_name == "cnn-mixpatch":  # a mixing group's patches with their soft labels
         return model, [x, torch.randint(0, 5, (args.slides, args.patches)).float() / 4]

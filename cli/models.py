@@ -21,7 +21,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from common.features import ENCODERS, IMAGENET_MEAN, TIMM
     from common.models import MODELS
 
-    models = {name: {"kind": spec.kind, "summary": spec.summary, "options": spec.options,
+    models = {name: {"kind": spec.kind, "trains": spec.trains, "summary": spec.summary,
+                     "options": spec.options,
                      "choices": {k: list(v) for k, v in spec.choices.items()}}
               for name, spec in sorted(MODELS.items())}
     encoders = {name: spec.describe() for name, spec in sorted(ENCODERS.items())}

@@ -39,6 +39,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--segment-threshold", type=float, metavar="R",
                    help="a patch of a positive slide is tumour from R times its even share "
                    "of the attention (default 2)")
+    p.add_argument("--pixel-threshold", type=float, default=0.5, metavar="P",
+                   help="a pixel of a positive slide is tumour from this probability "
+                   "(segmentation models, e.g. seg-cnn; default 0.5)")
     p.add_argument("--slides", metavar="DIR",
                    help="the slides of a feature folder, for thumbnails and top patches")
     p.add_argument("--stain-target", metavar="IMAGE",
@@ -60,6 +63,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 0 or args.passes < 1:
         raise ConfigError("--top-k must be >= 0 and --passes >= 1")
+    if not 0 < args.pixel_threshold < 1:
+        raise ConfigError(f"--pixel-threshold {args.pixel_threshold}: a probability "
+                          "strictly between 0 and 1")
     from common.crypto.sealed import load_key
     from common.predict import PredictOptions, predict
 
@@ -67,6 +73,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         threshold=args.threshold, max_uncertainty=args.max_uncertainty, passes=args.passes,
         top_k=args.top_k, segment_threshold=(SEGMENT_THRESHOLD if args.segment_threshold is None
                                              else args.segment_threshold),
+        pixel_threshold=args.pixel_threshold,
         encoder=args.encoder, weights=args.weights, slide_mpp=args.slide_mpp,
         stain_target=args.stain_target,
         slides_dir=Path(args.slides) if args.slides else None,

@@ -242,6 +242,10 @@ class FederationConfig(BaseModel):
                                  "discriminator with Adam, in local DP, without mixpatch, "
                                  "scaffold or prox-mu; set optimizer = \"adam\" and leave "
                                  "the others at their defaults")
+        if self.mixpatch and MODELS[self.model].trains == "segmenter":
+            raise ValueError(f"mixpatch: mixes slide labels into soft patch labels, and "
+                             f"model {self.model!r} learns annotation masks; leave mixpatch "
+                             "off")
         if self.mixpatch and MODELS[self.model].kind != "patches":
             raise ValueError(f"mixpatch: mixes image patches, and model {self.model!r} "
                              "trains on features; use a patch model (residual-patch-cnn)")

@@ -16,8 +16,10 @@ the model's). For every slide it writes, under ``OUT``:
 - ``heatmaps/<slide>.png`` (scores over the thumbnail, :mod:`common.explain.heatmap`)
   and ``heatmaps/<slide>_top/`` (the top patches as PNGs, when the slide is at hand);
 - ``geojson/<slide>.geojson`` for QuPath (:mod:`common.explain.geojson`);
-- ``masks/<slide>.png``: the weakly supervised tumour mask (:mod:`common.explain.segment`),
-  with Dice and IoU in the row when the labels file has a ``mask`` column.
+- ``masks/<slide>.png``: the tumour mask (:mod:`common.explain.segment`): weakly supervised
+  (the patches a MIL model attends to, or a patch classifier calls tumour), or, for a
+  segmentation model (``seg-cnn``), its pixels; with Dice and IoU in the row when the
+  labels file has a ``mask`` column (per patch; per pixel for a segmentation model).
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class PredictOptions:
     top_k: int = 8
     segment_threshold: float = SEGMENT_THRESHOLD
     """Relative patch score from which a patch of a positive slide is tumour."""
+    pixel_threshold: float = 0.5
+    """Probability from which a pixel of a positive slide is tumour (segmentation models)."""
     encoder: str | None = None
     """The encoder the caller expects; refused unless it is the model's."""
     weights: str | Path | None = None
@@ -181,11 +185,13 @@ def patch_scores(model: Any, bag: _Bag) -> np.ndarray:
     """Each finest patch's score: the pooling weight of a single-scale model; for a
     multi-scale one, its region's weight times its share of the cross-scale attention
     (the region's weight, shared, for the low-power ablation); for a patch model, its
-    own probability of tumour."""
+    own probability of tumour (a segmentation model: its tumour fraction)."""
     import torch
 
     x = torch.from_numpy(bag.features[None])
     with torch.no_grad():
+        if hasattr(model, "segment"):
+            return np.asarray(torch.sigmoid(model.patch_logits(x)[0]).numpy(), np.float64)
         if getattr(model, "input_kind", "") == "patches":
             logits = model(x)[0]
             return np.asarray(torch.sigmoid(logits[:, 1] - logits[:, 0]).numpy(),
@@ -334,9 +340,10 @@ def _image_bags(folder: Path, card: ModelCard, only: frozenset[str] | None = Non
     masks = _masks(folder, None)
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in
                     SLIDE_SUFFIXES | {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+    annotations = {m.resolve() for m in masks.values()}
     for path in images:
-        if only is not None and path.name not in only:
-            continue
+        if (only is not None and path.name not in only) or path.resolve() in annotations:
+            continue  # not asked for, or another image's annotation mask
         try:
             image = read_image(path)
         except DataError as err:
@@ -381,7 +388,14 @@ def _predict_slide(model: Any, bag: _Bag, card: ModelCard, opts: PredictOptions,
 
     from common.explain.geojson import slide_geojson, write_geojson
     from common.explain.heatmap import render_heatmap, top_indices
-    from common.explain.segment import dice_iou, mask_image, patch_truth, tumour_patches
+    from common.explain.segment import (
+        dice_iou,
+        mask_image,
+        patch_truth,
+        pixel_dice,
+        tumour_patches,
+    )
+    from common.models import model_spec
 
     start = time.perf_counter()
     x = torch.from_numpy(bag.features[None])
@@ -404,10 +418,24 @@ def _predict_slide(model: Any, bag: _Bag, card: ModelCard, opts: PredictOptions,
     top = top_indices(scores, opts.top_k)
     result.top_patches = ";".join(f"{bag.coords[i][0]}:{bag.coords[i][1]}" for i in top)
     positive = bool(result.label) and not result.abstained
-    tumour = (positive & (scores >= 0.5) if patches  # a patch model says it per patch
-              else tumour_patches(scores, positive, opts.segment_threshold))
+    pixels = None
+    if model_spec(card.model).trains == "segmenter":  # a mask per pixel, of positive slides
+        from common.data.images import tumour_labels
+
+        with torch.no_grad():
+            pixels = model.segment(x[0]).numpy() >= opts.pixel_threshold
+        tumour = positive & tumour_labels(pixels).astype(bool)
+        pixels &= positive
+    else:
+        tumour = (positive & (scores >= 0.5) if patches  # a patch model says it per patch
+                  else tumour_patches(scores, positive, opts.segment_threshold))
     result.tumour_patches = int(tumour.sum())
-    if bag.mask is not None:
+    picture = mask_image(bag.coords, bag.size_baseline, bag.dimensions,
+                         tumour if pixels is None else np.ones(len(tumour), bool),
+                         pixels=pixels)
+    if bag.mask is not None and pixels is not None:
+        result.dice, result.iou = pixel_dice(picture, bag.mask)
+    elif bag.mask is not None:
         truth = patch_truth(bag.mask, bag.coords, bag.size_baseline, bag.dimensions)
         result.dice, result.iou = dice_iou(tumour, truth)
     _write_scores(out / f"{bag.stem}_scores.h5", bag, scores, tumour, result)
@@ -417,8 +445,7 @@ def _predict_slide(model: Any, bag: _Bag, card: ModelCard, opts: PredictOptions,
     from PIL import Image
 
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    Image.fromarray(mask_image(bag.coords, bag.size_baseline, bag.dimensions, tumour)).save(
-        out / "masks" / f"{bag.stem}.png")
+    Image.fromarray(picture).save(out / "masks" / f"{bag.stem}.png")
     if opts.heatmaps:
         thumbnail, reader = _thumbnail(bag)
         try:

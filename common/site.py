@@ -196,6 +196,10 @@ class Site:
             cfg.synthetic_bags, cfg.patch_size, "" if self.patches else cfg.encoder,
             model_kind(cfg) == "multiscale", cfg.stain_normalize,
         )
+        from common.models import model_spec
+
+        self.segments = model_spec(cfg.model).trains == "segmenter"
+        """The model learns annotation masks (its training targets are pixels)."""
         self._check_data(source)
         from common.data.sources import feature_provenance
 
@@ -278,6 +282,10 @@ class Site:
         if len(np.unique(labels)) < 2:
             raise DataError(f"{where}: all {len(labels)} slides are labelled {int(labels[0])}; "
                             "a site needs slides of both classes (check labels.csv)")
+        if self.segments and self.data.train.instance_masks is None:
+            raise DataError(f"{where}: model {self.cfg.model} learns annotation masks and "
+                            "these slides have none; give an image folder whose labels.csv "
+                            "has a mask column naming each image's mask (nonzero on tumour)")
         for split in (self.data.train, self.data.val):
             for name, bag in zip(split.names, split.bags):
                 if bag.dtype.kind == "f" and not np.isfinite(bag).all():
@@ -419,7 +427,8 @@ class Site:
             return bags.to_patch_dataset(
                 self.cfg.patches_per_slide, _seed(self.cfg.seed, self.name, split, server_round),
                 stain_augment=self.cfg.stain_augment if split == "train" else 0.0,
-                patch_labels=split == "train")  # annotations train; slides are evaluated
+                patch_labels=split == "train",  # annotations train; slides are evaluated
+                masks=self.segments and split == "train")
         return bags.to_dataset(self.max_instances)
 
     def train(self, weights: NDArrays, server_round: int,

@@ -37,6 +37,10 @@ class BagSet:
     children: int = 0
     """High-power patches per region of multi-scale bags (:mod:`common.data.multiscale`),
     whose instances are regions; 0 for single-scale bags."""
+    instance_masks: tuple[np.ndarray, ...] | None = None
+    """Bags of image patches only: each patch's piece of the annotation mask,
+    ``uint8[N_i, P, P]`` in {0, 1} per bag (a segmentation model's targets); None when
+    unannotated."""
 
     def __len__(self) -> int:
         return len(self.bags)
@@ -62,10 +66,16 @@ class BagSet:
         for i, patient in enumerate(self.patients):
             groups.setdefault(patient, []).append(i)
         ids = tuple(groups)
+
+        def joined(per_bag: tuple[np.ndarray, ...] | None) -> tuple[np.ndarray, ...] | None:
+            return (None if per_bag is None else
+                    tuple(np.concatenate([per_bag[i] for i in groups[p]]) for p in ids))
+
         return BagSet(
-            bags=tuple(np.concatenate([self.bags[i] for i in groups[p]]) for p in ids),
+            bags=joined(self.bags) or (),
             labels=np.array([self.labels[groups[p]].max() for p in ids], dtype=np.int64),
-            names=ids, patients=ids, children=self.children,
+            names=ids, patients=ids, instance_labels=joined(self.instance_labels),
+            children=self.children, instance_masks=joined(self.instance_masks),
         )
 
     @property
@@ -109,20 +119,29 @@ class BagSet:
         )
 
     def to_patch_dataset(self, k: int, seed: int, stain_augment: float = 0.0,
-                         patch_labels: bool = True) -> TensorDataset:
+                         patch_labels: bool = True, masks: bool = False) -> TensorDataset:
         """``(patches[n, k, 3, P, P], labels[n])`` from bags of image patches ``[N, P, P, 3]``.
 
         ``k`` patches of each slide, drawn without replacement (with replacement when the
         slide has fewer), optionally with HED stain augmentation of strength
         ``stain_augment`` (one draw per patch), scaled as the torch encoders scale them.
         Labels are ``[n, k]`` patch labels when the bags are annotated and ``patch_labels``,
-        else the slide labels ``[n]``.
+        else the slide labels ``[n]``; with ``masks``, the patches' annotation masks
+        ``[n, k, P, P]`` (a segmentation model's targets; :class:`DataError` when the bags
+        have none).
         """
         rng = np.random.default_rng(seed)
         chosen = [rng.choice(len(bag), size=k, replace=len(bag) < k) for bag in self.bags]
         picked = (np.stack([bag[i] for bag, i in zip(self.bags, chosen)]) if self.bags
                   else np.zeros((0, k, 1, 1, 3), np.uint8))
-        if patch_labels and self.instance_labels is not None:  # annotated: per-patch labels
+        if masks:
+            if self.instance_masks is None:
+                raise DataError("these slides have no annotation masks; a segmentation "
+                                "model needs an image folder whose labels.csv has a mask "
+                                "column for every image")
+            labels = (np.stack([m[i] for m, i in zip(self.instance_masks, chosen)])
+                      if self.bags else np.zeros((0, k, 1, 1), np.uint8))
+        elif patch_labels and self.instance_labels is not None:  # annotated: patch labels
             labels = np.stack([lab[i] for lab, i in zip(self.instance_labels, chosen)]) \
                 if self.bags else np.zeros((0, k))
         else:  # weak labels: every patch takes its slide's label
@@ -186,6 +205,7 @@ def split_bags(
     name: str, bags: list[np.ndarray], labels: np.ndarray, names: list[str],
     val_fraction: float, seed: int, patients: list[str] | None = None,
     instance_labels: list[np.ndarray] | None = None, children: int = 0,
+    instance_masks: list[np.ndarray] | None = None,
 ) -> SiteData:
     """Split one site's bags into train and validation, stratified by label.
 
@@ -211,7 +231,9 @@ def split_bags(
                       tuple(names[i] for i in idx),
                       tuple(patients[i] for i in idx) if patients is not None else None,
                       tuple(instance_labels[i] for i in idx)
-                      if instance_labels is not None else None, children)
+                      if instance_labels is not None else None, children,
+                      tuple(instance_masks[i] for i in idx)
+                      if instance_masks is not None else None)
 
     return SiteData(name=name, train=pick(~is_val), val=pick(is_val))
 

@@ -32,9 +32,10 @@ from common.features import get_encoder
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONTEXT_FACTOR", "LabelledImage", "assign_sites", "embed_images",
+__all__ = ["CONTEXT_FACTOR", "LabelledImage", "annotated_patches", "assign_sites",
+           "embed_images",
            "image_folder_site", "read_image", "read_labels", "tissue_grid", "tissue_patches",
-           "tissue_regions"]
+           "tissue_regions", "tumour_labels"]
 WHITE_LEVEL = 200
 MAX_WHITE_FRACTION = 0.75
 CONTEXT_FACTOR = 4
@@ -86,6 +87,21 @@ def tissue_patches(image: np.ndarray, patch_size: int,
                    mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Non-overlapping patches ``uint8[n, P, P, 3]`` that are not mostly background, and,
     with an annotation ``mask``, each patch's label (tumour on half its pixels or more)."""
+    patches, pixels = annotated_patches(image, patch_size, mask)
+    return patches, None if pixels is None else tumour_labels(pixels)
+
+
+def tumour_labels(pixels: np.ndarray) -> np.ndarray:
+    """``int64[n]``: 1 for the patches (``pixels[n, P, P]`` in {0, 1}) that are tumour on
+    half their pixels or more."""
+    return (pixels.mean(axis=(1, 2)) >= 0.5).astype(np.int64)
+
+
+def annotated_patches(image: np.ndarray, patch_size: int, mask: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The tissue patches of :func:`tissue_patches` and, with an annotation ``mask`` (an
+    image of the same size, nonzero on tumour), each patch's own piece of it as
+    ``uint8[n, P, P]`` in {0, 1} (a segmentation model's target)."""
     patches = _grid(image, patch_size)
     keep = _tissue_keep(patches)
     if mask is None:
@@ -93,8 +109,7 @@ def tissue_patches(image: np.ndarray, patch_size: int,
     if mask.shape[:2] != image.shape[:2]:
         raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} px, image "
                          f"{image.shape[1]}x{image.shape[0]} px")
-    tumour = (_grid(mask > 0, patch_size).mean(axis=(1, 2)) >= 0.5).astype(np.int64)
-    return patches[keep], tumour[keep]
+    return patches[keep], _grid((mask > 0).astype(np.uint8), patch_size)[keep]
 
 
 def tissue_grid(image: np.ndarray, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -159,7 +174,9 @@ def embed_images(
     images are skipped with a warning. With ``multiscale``, bags of regions
     (:func:`tissue_regions`, :func:`common.data.multiscale.pack_regions`), unannotated.
     ``stain`` (``macenko``, ``reinhard``) normalises every patch first, to PathFed's
-    reference tile (:class:`common.wsi.stain.StainNormalizer`)."""
+    reference tile (:class:`common.wsi.stain.StainNormalizer`). Without an encoder the
+    annotations are each patch's piece of the mask (``uint8[n, P, P]``, for a segmentation
+    model; :func:`tumour_labels` gives their labels), else the patch labels."""
     if multiscale and not encoder:
         raise ValueError("multi-scale bags are bags of features: give an encoder")
     encode = _stain_then(stain, get_encoder(encoder) if encoder else (lambda patches: patches))
@@ -182,8 +199,8 @@ def embed_images(
             patch_labels.append(None)
             continue
         try:
-            patches, tumour = tissue_patches(read_image(item.path), patch_size,
-                                             _read_mask(item))
+            patches, tumour = (tissue_patches if encoder else annotated_patches)(
+                read_image(item.path), patch_size, _read_mask(item))
         except SlideReadError as err:
             log.warning("%s; skipped", err)
             continue
@@ -221,6 +238,10 @@ def image_folder_site(
     if not annotated and any(lab is not None for lab in patch_labels):
         log.warning("%s: only some images of site-%d have an annotation mask; training on "
                     "slide labels for all", folder, index)
+    pixels = [a for a in patch_labels if a is not None] if annotated and not encoder else None
+    if pixels is not None:  # the patches themselves: their masks, and labels from them
+        patch_labels = [tumour_labels(a) for a in pixels]
     return split_bags(f"site-{index}", bags, labels, names, val_fraction, seed + index,
                       patients, patch_labels if annotated else None,  # type: ignore[arg-type]
-                      children=CONTEXT_FACTOR ** 2 if multiscale else 0)
+                      children=CONTEXT_FACTOR ** 2 if multiscale else 0,
+                      instance_masks=pixels)

@@ -6,6 +6,10 @@ patch's share of the attention against a uniform share: 1 is average), so one th
 serves slides of any size; :func:`tumour_patches` keeps the patches above it in the
 slides predicted positive. :func:`patch_truth` reads an annotation mask (an image of the
 slide, nonzero on tumour) at the same patches, and :func:`dice_iou` compares the two.
+
+A segmentation model (``seg-cnn``) says it per pixel: :func:`mask_image` draws its pixel
+masks and :func:`pixel_dice` compares any mask picture with the annotation pixel by pixel
+(the measure that puts both kinds of mask on one scale).
 """
 
 from __future__ import annotations
@@ -78,18 +82,45 @@ def dice_iou(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
 
 
 def mask_image(coords: np.ndarray, size_baseline: float, dimensions: tuple[int, int],
-               tumour: np.ndarray, max_size: int = 2048) -> np.ndarray:
+               tumour: np.ndarray, max_size: int = 2048,
+               pixels: np.ndarray | None = None) -> np.ndarray:
     """``uint8[h, w]`` picture of the tumour patches (255) over the slide, at most
-    ``max_size`` px on its longer side."""
+    ``max_size`` px on its longer side. With ``pixels`` (``bool[N, p, p]``, a segmentation
+    model's mask of each patch), the tumour pixels of the ``tumour`` patches instead of
+    whole squares."""
+    from PIL import Image
+
     w0, h0 = dimensions
     scale = min(1.0, max_size / max(w0, h0))
     out = np.zeros((max(1, round(h0 * scale)), max(1, round(w0 * scale))), dtype=np.uint8)
     side = max(1, round(size_baseline * scale))
-    for (x, y) in coords[np.asarray(tumour, bool)]:
-        x0, y0 = int(x * scale), int(y * scale)
-        out[y0:y0 + side, x0:x0 + side] = 255
+    for i in np.flatnonzero(np.asarray(tumour, bool)):
+        x0, y0 = int(coords[i][0] * scale), int(coords[i][1] * scale)
+        block = out[y0:y0 + side, x0:x0 + side]
+        if pixels is None:
+            block[:] = 255
+            continue
+        piece = np.asarray(pixels[i], np.uint8) * 255
+        if piece.shape != (side, side):
+            piece = np.asarray(Image.fromarray(piece).resize((side, side),
+                                                             Image.Resampling.NEAREST))
+        block[:] = np.maximum(block, piece[:block.shape[0], :block.shape[1]])
     return out
 
 
+def pixel_dice(predicted: np.ndarray, mask_path: Path) -> tuple[float, float]:
+    """Dice and IoU of a predicted mask picture (:func:`mask_image`, nonzero on tumour)
+    against an annotation mask image of the whole slide, pixel by pixel at the
+    annotation's resolution (the prediction resized to it, nearest neighbour)."""
+    from PIL import Image
+
+    with Image.open(mask_path) as im:
+        truth = np.asarray(im.convert("L")) > 0
+    if predicted.shape != truth.shape:
+        predicted = np.asarray(Image.fromarray(np.asarray(predicted, np.uint8)).resize(
+            (truth.shape[1], truth.shape[0]), Image.Resampling.NEAREST))
+    return dice_iou(predicted > 0, truth)
+
+
 __all__ = ["RANK_FLOOR", "SEGMENT_THRESHOLD", "dice_iou", "mask_image", "patch_truth",
-           "rank_normalise", "relative_scores", "tumour_patches"]
+           "pixel_dice", "rank_normalise", "relative_scores", "tumour_patches"]

@@ -63,6 +63,10 @@ MODELS: dict[str, ModelSpec] = {
                         "conditional DCGAN of patches (GroupNorm); the discriminator trains "
                         "with DP-SGD, the generator only through it (`pathfed synthesize`)",
                         {"latent": 64, "width": 32}, trains="adversarial"),
+    "seg-cnn": ModelSpec("common.models.seg_cnn:seg_cnn", "patches",
+                         "small U-Net (GroupNorm) segmenting tumour pixels, trained on "
+                         "annotation masks; slide score = its largest patch tumour fraction",
+                         {"width": 8, "dice_weight": 1.0}, trains="segmenter"),
     "residual-patch-cnn": ModelSpec("common.models.patch_cnn:residual_patch_cnn", "patches",
                                     "the seed's residual patch CNN (GroupNorm)", {}),
 }

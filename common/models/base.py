@@ -10,8 +10,10 @@ the data path a site builds for it (never its name):
   built with ``in_dim`` and ``children``. It needs multi-scale data (``pathfed prepare
   --mpp 0.5,2.0``, or the synthetic default); the other bag models take the high-power
   patches of the same data.
-- ``patches``: a classifier of image patches; inputs ``patches[B, K, 3, P, P]`` drawn from
-  each slide; built with ``patch_size``.
+- ``patches``: a model of image patches; inputs ``patches[B, K, 3, P, P]`` drawn from
+  each slide; built with ``patch_size``. What it learns from them is its spec's
+  ``trains``: slide or patch labels (a classifier), pixel masks (a segmenter), or the
+  patches themselves (a GAN).
 
 Training needs :class:`TrainableModel`. :class:`InstanceScorer` is the contract a model
 offers for per-patch scores (its pooling weights); every bag model implements it (through
@@ -69,10 +71,12 @@ class ModelSpec:
     """Constructor options and their defaults (beyond the data size)."""
     choices: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     """The allowed values of options that take one of a few (e.g. a kernel's name)."""
-    trains: Literal["classifier", "adversarial"] = "classifier"
+    trains: Literal["classifier", "adversarial", "segmenter"] = "classifier"
     """``adversarial``: a generator and a discriminator, trained by
     :func:`common.training.adversarial_train` (its samples are what it makes, not a
-    prediction)."""
+    prediction). ``segmenter``: a patch model whose training targets are the pixels of
+    annotation masks (``mask`` column of labels.csv), not labels; it still gives a slide
+    score, for validation and ``pathfed predict``, which writes its pixel masks."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
