@@ -122,12 +122,70 @@ def _dice(slides: list[dict[str, Any]], threshold: float | None,
     return float(np.mean([d for d, _ in pairs])), float(np.mean([i for _, i in pairs]))
 
 
+def mask_figure(root: Path, models: list[str], path: Path) -> Path | None:
+    """The first tumour slide of the test set (read at 1 um/px), its annotation and each of
+    ``models``' predicted masks over it, with their pixel Dice; None without the images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from common.data.labels import LABELS, read_label_rows
+    from common.explain.segment import pixel_dice
+    from common.models import model_spec
+
+    images = root / "test" / "images"
+    if not (images / LABELS).is_file():
+        return None
+    row = next(r for r in read_label_rows(images / LABELS) if r.label == 1 and r.mask)
+    assert row.mask is not None
+    image = np.asarray(Image.open(images / row.name).convert("RGB"))
+
+    def read(mask: Path) -> np.ndarray:
+        with Image.open(mask) as im:  # any resolution, onto the image's pixels
+            return np.asarray(im.convert("L").resize((image.shape[1], image.shape[0]),
+                                                     Image.Resampling.NEAREST)) > 0
+
+    def over(mask: np.ndarray) -> np.ndarray:
+        out = image.astype(float)
+        out[mask] = 0.5 * out[mask] + 0.5 * np.array([255.0, 0.0, 0.0])
+        return out.astype(np.uint8)
+
+    stem = Path(row.name).stem
+    panels = [(image, f"test slide {stem} (1 um/px)"),
+              (over(read(images / row.mask)), "annotation")]
+    for key in models:
+        name, _, folder = _model(key)
+        picture = root / "predict" / folder / "test" / "masks" / f"{stem}.png"
+        truth = images / row.mask if model_spec(name).trains == "segmenter" else \
+            root / "test" / "slides" / "masks" / f"{stem}.png"
+        dice = pixel_dice(np.asarray(Image.open(picture)), truth)[0]
+        panels.append((over(read(picture)), f"{key} (pixel Dice {dice:.2f})"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.5 * len(panels), 3.0))
+    for ax, (picture_, title) in zip(np.atleast_1d(axes), panels):
+        ax.imshow(picture_)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _model(key: str) -> tuple[str, str, str]:
+    """``NAME[:OPTIONS]`` as the model's name, its options and its results' folder name."""
+    name, _, options = key.partition(":")
+    return name, options, key.replace(":", "-").replace("=", "-").replace(",", "+")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.segmentation",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--models", nargs="+", default=["all"],
-                        help="bag models and/or seg-cnn; all: every bag model and seg-cnn")
+    parser.add_argument("--models", nargs="+", default=["all"], metavar="NAME[:OPTIONS]",
+                        help="bag models and/or seg-cnn, each with its model options if "
+                        "any (seg-cnn:width=4); all: every bag model and seg-cnn")
     parser.add_argument("--dp", action="store_true", help="DP-SGD at epsilon 8 per site")
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--slides", type=int, default=24, help="training slides per site")
@@ -157,9 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         prepare(slides, features, mpp=1.0, context_mpp=(4.0,), patch_size=32, progress=False)
         folders[split] = (slides, features)
     results: dict[str, dict[str, Any]] = {}
-    for name in models:
+    for key in models:
         start = time.perf_counter()
-        run = args.out / "runs" / name
+        name, options, folder = _model(key)
+        run = args.out / "runs" / folder
         segmenter = model_spec(name).trains == "segmenter"
         data = {split: (slides_as_images(slides, args.out / split / "images")
                         if segmenter else features)
@@ -170,27 +229,27 @@ def main(argv: list[str] | None = None) -> int:
                                else args.rounds, model=name, data=str(data["train"]),
                                batch_size=8, local_epochs=2, optimizer="adam", lr=0.01,
                                dp=args.dp, secagg=False, epsilon=8.0, patch_size=32,
-                               patches_per_slide=32)
+                               patches_per_slide=32, model_options=options)
         if not (run / "model.npz").is_file():
             run_inprocess(cfg, run_dir=run)
         chosen: dict[str, Any] = {}
         if segmenter:  # the pixel probability that makes a pixel tumour, on validation
             dice = {}
             for t in PIXEL_THRESHOLDS:
-                out = args.out / "predict" / name / "val" / f"{t:g}"
+                out = args.out / "predict" / folder / "val" / f"{t:g}"
                 predict(data["val"], run, out, progress=False, heatmaps=False, top_k=0,
-                        pixel_threshold=t)
+                        pixel_threshold=t, passes=1)  # no test-time augmentation
                 dice[t] = _dice(_scores(out, truth["val"]), None, pixels=True)[0]
             pixel = max(dice, key=lambda t: dice[t])
             chosen.update(threshold=None, pixel_threshold=pixel, val_dice=dice[pixel])
         else:  # the attention share that makes a patch tumour, on validation
-            out = args.out / "predict" / name / "val"
+            out = args.out / "predict" / folder / "val"
             predict(data["val"], run, out, progress=False, heatmaps=False, top_k=0)
             slides = _scores(out, truth["val"])
             dice = {t: _dice(slides, t)[0] for t in THRESHOLDS}
             chosen["threshold"] = max(dice, key=lambda t: dice[t])
             chosen["val_dice"] = dice[chosen["threshold"]]
-        out = args.out / "predict" / name / "test"
+        out = args.out / "predict" / folder / "test"
         predict(data["test"], run, out, progress=False,
                 pixel_threshold=chosen.get("pixel_threshold", 0.5))
         slides = _scores(out, truth["test"])
@@ -201,15 +260,26 @@ def main(argv: list[str] | None = None) -> int:
                                 np.array([s["label"] for s in slides]))
         chosen["n_tumour_slides"] = sum(s["label"] for s in slides)
         chosen["wall_s"] = round(time.perf_counter() - start, 1)
-        results[name] = chosen
+        results[key] = chosen
         how = (f"pixel probability {chosen['pixel_threshold']:g}" if segmenter else
                f"threshold {chosen['threshold']:g}") + f" (validation Dice {chosen['val_dice']:.3f})"
-        print(f"{name}: Dice {chosen['dice']:.3f} per patch, {chosen['pixel_dice']:.3f} per "
+        print(f"{key}: Dice {chosen['dice']:.3f} per patch, {chosen['pixel_dice']:.3f} per "
               f"pixel (IoU {chosen['pixel_iou']:.3f}) at {how}; slide AUC {chosen['auc']:.3f} "
               f"({chosen['wall_s']:.0f} s)", flush=True)
-    (args.out / "segmentation.json").write_text(json.dumps(
-        {"dp": args.dp, "sites": args.sites, "slides_per_site": args.slides,
-         "rounds": args.rounds, "seg_rounds": args.seg_rounds, "models": results}, indent=1))
+    settings = {"dp": args.dp, "sites": args.sites, "slides_per_site": args.slides,
+                "rounds": args.rounds, "seg_rounds": args.seg_rounds}
+    saved = args.out / "segmentation.json"
+    if saved.is_file():  # models measured before in this folder, with the same settings
+        before = json.loads(saved.read_text())
+        if {k: before.get(k) for k in settings} == settings:
+            results = {**before["models"], **results}
+    saved.write_text(json.dumps({**settings, "models": results}, indent=1))
+    segmenters = [k for k in results if model_spec(_model(k)[0]).trains == "segmenter"]
+    best_mil = [k for k in sorted(results, key=lambda k: -results[k]["pixel_dice"])
+                if k not in segmenters][:1]
+    figure = mask_figure(args.out, segmenters + best_mil, args.out / "masks.png")
+    if figure is not None:
+        print(f"masks of one test slide: {figure}")
     print("| model | Dice per patch | Dice per pixel | IoU per pixel | threshold (validation) "
           "| slide AUC |\n|---|---|---|---|---|---|")
     for name, r in sorted(results.items(), key=lambda item: -item[1]["pixel_dice"]):

@@ -164,9 +164,42 @@ def test_segmenter_federation_audits_and_predicts_pixel_masks(tmp_path: Path) ->
     assert mask.shape == (64, 64) and 0 < (mask > 0).mean() < 0.5  # pixels, not squares
     with (tmp_path / "out" / "predictions.csv").open() as fh:
         assert {r["status"] for r in csv.DictReader(fh)} == {"done"}
+    from tests.conftest import run_cli
+
+    strict = run_cli("predict", str(test), "--model", str(tmp_path / "plain"), "--out",
+                     str(tmp_path / "strict"), "--pixel-threshold", "0.95", "--no-heatmaps",
+                     "--no-progress")
+    assert strict.returncode == 0, strict.stderr
+    with Image.open(tmp_path / "strict" / "masks" / "s1.png") as im:
+        assert (np.asarray(im) > 0).sum() < (mask > 0).sum()  # fewer pixels pass 0.95
+    bad = run_cli("predict", str(test), "--model", str(tmp_path / "plain"), "--out",
+                  str(tmp_path / "bad"), "--pixel-threshold", "1")
+    assert bad.returncode == 2 and "--pixel-threshold 1.0: a probability" in bad.stderr
 
     private = run_inprocess(FederationConfig.from_mapping({**base, "rounds": 2, "dp": True}),
                             run_dir=tmp_path / "private")
     assert all(0 < e <= 8.0 * (1 + 1e-9) for e in private.epsilon.values())
     report = audit_run(tmp_path / "private")  # every DP-SGD step recomputed from the ledger
     assert report.ok, report.all_problems
+
+
+def test_generated_slides_become_an_annotated_image_folder(tmp_path: Path) -> None:
+    """simulations.segmentation reads the WSI demo's slides at 1 um/px into an image folder
+    with masks of the same size, which a patch model's site loads with its annotations."""
+    from common.data.images import image_folder_site
+    from simulations.segmentation import _model, slides_as_images
+    from simulations.wsi_demo import make_slides
+
+    slides = make_slides(tmp_path / "slides", 1, 2, size=(256, 192))
+    images = slides_as_images(slides, tmp_path / "images")
+    rows = list(csv.DictReader((images / "labels.csv").open()))
+    assert [r["label"] for r in rows] == ["0", "1"]
+    for row in rows:
+        with Image.open(images / row["image"]) as im, Image.open(images / row["mask"]) as m:
+            assert im.size == m.size == (128, 96)  # 0.5 um/px slides read at 1 um/px
+    with Image.open(images / rows[1]["mask"]) as m:
+        assert 0 < (np.asarray(m) > 0).mean() < 0.2  # the tumour focus, about 5 %
+    site = image_folder_site(images, 0, 1, val_fraction=0.5, patch_size=32, encoder=None)
+    assert site.train.instance_masks is not None
+    assert _model("seg-cnn:width=4,dice_weight=0.5") == (
+        "seg-cnn", "width=4,dice_weight=0.5", "seg-cnn-width-4+dice_weight-0.5")
