@@ -3,7 +3,7 @@
     python -m simulations.gan fid --data ../shared/data/ucsb-breast --out results/gan
         [--epsilons 1,3,8,none] [--rounds 20] [--set KEY=VALUE ...]
     python -m simulations.gan augment --data ../shared/data/ucsb-breast --out results/gan
-        [--epsilon 8] [--folds 5] [--synthetic 8]
+        [--epsilon 8] [--folds 5] [--synthetic 8] [--cnn-no-dp] [--cnn-set KEY=VALUE ...]
 
 ``fid``: ``dp-gan`` (``configs/ucsb-gan.toml``) is trained over the 5 hospitals (in process,
 every UCSB image's 32-px patches, per-slide DP-SGD for the discriminator) once per
@@ -18,8 +18,8 @@ floor) and of the generator at initialisation (the ceiling).
 images only, and each hospital adds ``--synthetic`` generated pseudo-slides per class (16
 patches each) to its training set (they are post-processing: public for the accountant);
 the residual patch CNN (``configs/ucsb-patch-cnn.toml``) is trained with and without them,
-with DP at ``--epsilon`` (``--cnn-no-dp``: without), and tested on the fold's images
-(image AUC from the patches' mean log-odds, patch AUC).
+with DP at ``--epsilon`` (``--cnn-no-dp``: without; ``--cnn-set`` changes its settings),
+and tested on the fold's images (image AUC from the patches' mean log-odds, patch AUC).
 """
 
 from __future__ import annotations
@@ -199,7 +199,8 @@ def augment(args: argparse.Namespace) -> str:
 
     emb = embed(args.data, args.out, 32, "")
     cnn = {**load_config_file(PATCH_CONFIG), "sites": HOSPITALS,
-           "dp": not args.cnn_no_dp, "epsilon": args.epsilon}
+           "dp": not args.cnn_no_dp, "epsilon": args.epsilon,
+           **dict(item.partition("=")[::2] for item in args.cnn_set)}
     gan_settings = {**_base(args), "dp": True, "epsilon": args.epsilon}
     tests = cv_folds(emb.labels, args.folds, args.repeats, 0)
     got: dict[str, dict[str, list[Any]]] = {k: {"s": [], "y": [], "p": [], "py": []}
@@ -238,7 +239,8 @@ def augment(args: argparse.Namespace) -> str:
         lines.append(f"| {name} | {result[name]['image_auc']:.3f} | "
                      f"{result[name]['patch_auc']:.3f} |")
     (args.out / "augment.json").write_text(json.dumps(
-        {"epsilon": args.epsilon, "cnn_dp": not args.cnn_no_dp, "folds": args.folds,
+        {"epsilon": args.epsilon, "cnn_dp": not args.cnn_no_dp, "cnn_set": args.cnn_set,
+         "folds": args.folds,
          "synthetic_per_class": args.synthetic, "results": result}, indent=1))
     return "\n".join(lines)
 
@@ -257,7 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cnn-no-dp", action="store_true",
                         help="augment: train the patch CNN without DP (the GAN keeps it)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--cnn-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="augment: a setting of the patch CNN (e.g. optimizer=adam)")
     args = parser.parse_args(argv)
+    if bad := [item for item in args.cnn_set if "=" not in item]:
+        parser.error(f"--cnn-set {bad[0]!r}: expected KEY=VALUE")
     logging.basicConfig(level=logging.WARNING)
     args.data = check_data(parser, args.data)
     args.out.mkdir(parents=True, exist_ok=True)
