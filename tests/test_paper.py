@@ -52,6 +52,7 @@ def test_cv_folds_partition_each_repeat_and_stratify() -> None:
     assert not np.array_equal(tests[0], tests[10])  # repeats reshuffle
 
 
+@pytest.mark.slow  # in-process federations of 5 hospitals, 2 folds per row
 def test_rows_run_on_the_same_folds_and_make_the_table(tmp_path: Path, images: Path) -> None:
     data, out, cfg = images, tmp_path / "out", _tiny()
     central = paper.run_row("central", data, out, cfg, folds=2, repeats=1, epsilon=None)
